@@ -1,0 +1,589 @@
+"""``StreamDEC``: a DEC model that keeps learning from micro-batches without moving its ids.
+
+How one online update protects what downstream systems already store:
+
+* **ids are append-only** (``cluster_ids_``): a cluster keeps its id for life, new
+  clusters get fresh ids, nothing is ever renumbered or reused;
+* **two prototypes per id**: the *memory* prototype stays where the id was born (its
+  old items keep their id), the *current* prototype follows the data with small DEC
+  steps under an online-EWC penalty (correct diagonal Fisher) and a distillation term
+  on a reservoir of past latents;
+* **new clusters need evidence** (:mod:`stream_dec.online.novelty`) and must beat the
+  old clusters by a ``margin`` at predict time before they take an item;
+* a **churn guard** measures how many reservoir items an update would relabel and
+  drops new clusters or shrinks the centre step until it is within ``max_churn``.
+
+The encoder is trained by ``fit`` (reconstruction pretraining, then DEC refinement) and
+frozen online, so an item's latent never changes after ``fit``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClusterMixin
+from sklearn.cluster import KMeans
+
+from stream_dec import checkpoint as ckpt
+from stream_dec._validation import check_embeddings
+from stream_dec.model import (
+    Autoencoder,
+    ewc_penalty,
+    fisher_diagonal,
+    kl_clustering_loss,
+    pretrain_autoencoder,
+    refine_dec,
+    soft_assignment,
+    squared_distances,
+    target_distribution,
+)
+from stream_dec.online.novelty import NoveltyBuffer, find_new_clusters
+from stream_dec.online.report import DriftReport
+from stream_dec.online.reservoir import Reservoir
+
+FORMAT_VERSION = 1
+_PREDICT_CHUNK = 65536
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+class StreamDEC(ClusterMixin, BaseEstimator):
+    """Deep Embedded Clustering with bounded, id-stable online updates.
+
+    Parameters
+    ----------
+    n_clusters : clusters made by ``fit``.
+    hidden_dims, latent_dim : autoencoder layout (input dim comes from the data).
+    alpha : degrees of freedom of the Student-t kernel.
+    pretrain_epochs, batch_size, pretrain_lr : reconstruction pretraining.
+    refine_max_iter, refine_lr, update_interval, tol : DEC refinement; it stops when
+        fewer than ``tol`` of the items change cluster between target updates.
+    refine_encoder : also train the encoder during refinement (classic DEC) rather than
+        only the centres.
+    n_init : k-means restarts for the centre initialisation.
+    online_steps, max_update_ms : the step and wall-clock budget of one ``partial_fit``.
+    online_lr : online step size in units of the within-cluster spread.
+    ewc_lambda, fisher_decay : online-EWC strength and the decay of the running Fisher.
+    distill_weight : weight of KL(q_old || q_new) on reservoir latents.
+    freq_decay : decay of the running cluster frequencies used by the target.
+    reservoir_size : latents remembered for rehearsal and the churn guard.
+    novelty_quantile : an item is unexplained when it lies beyond this quantile of its
+        nearest cluster's squared distances.
+    min_support : items a new cluster needs (None: derived from the fitted cluster sizes).
+    margin : a spawned cluster takes an item only when it is this much closer (relative)
+        than the best original cluster.
+    max_clusters : hard cap on the cluster count (None: 2 x n_clusters).
+    max_churn : largest share of the reservoir one update may relabel.
+    buffer_size, buffer_ttl : novelty buffer bounds (items, batches).
+    device : "auto" (CUDA when available), "cpu", "cuda", ...
+    random_state : seed; the same seed and inputs give the same model and outputs.
+    verbose : print training progress to stderr.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 10,
+        *,
+        hidden_dims: tuple[int, ...] = (256,),
+        latent_dim: int = 32,
+        alpha: float = 1.0,
+        pretrain_epochs: int = 30,
+        batch_size: int = 256,
+        pretrain_lr: float = 1e-3,
+        refine_max_iter: int = 600,
+        refine_lr: float = 1e-4,
+        update_interval: int = 100,
+        tol: float = 1e-3,
+        refine_encoder: bool = True,
+        n_init: int = 5,
+        online_steps: int = 10,
+        online_lr: float = 0.02,
+        max_update_ms: float = 250.0,
+        ewc_lambda: float = 1.0,
+        fisher_decay: float = 0.9,
+        distill_weight: float = 1.0,
+        freq_decay: float = 0.9,
+        reservoir_size: int = 2048,
+        novelty_quantile: float = 0.95,
+        min_support: int | None = None,
+        margin: float = 0.1,
+        max_clusters: int | None = None,
+        max_churn: float = 0.005,
+        buffer_size: int = 4096,
+        buffer_ttl: int = 10,
+        device: str = "auto",
+        random_state: int | None = None,
+        verbose: bool = True,
+    ):
+        self.n_clusters = n_clusters
+        self.hidden_dims = hidden_dims
+        self.latent_dim = latent_dim
+        self.alpha = alpha
+        self.pretrain_epochs = pretrain_epochs
+        self.batch_size = batch_size
+        self.pretrain_lr = pretrain_lr
+        self.refine_max_iter = refine_max_iter
+        self.refine_lr = refine_lr
+        self.update_interval = update_interval
+        self.tol = tol
+        self.refine_encoder = refine_encoder
+        self.n_init = n_init
+        self.online_steps = online_steps
+        self.online_lr = online_lr
+        self.max_update_ms = max_update_ms
+        self.ewc_lambda = ewc_lambda
+        self.fisher_decay = fisher_decay
+        self.distill_weight = distill_weight
+        self.freq_decay = freq_decay
+        self.reservoir_size = reservoir_size
+        self.novelty_quantile = novelty_quantile
+        self.min_support = min_support
+        self.margin = margin
+        self.max_clusters = max_clusters
+        self.max_churn = max_churn
+        self.buffer_size = buffer_size
+        self.buffer_ttl = buffer_ttl
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ helpers
+    def _say(self, msg: str) -> None:
+        if self.verbose:
+            print(f"[stream_dec] {msg}", file=sys.stderr, flush=True)
+
+    def _check_params(self) -> None:
+        def need(cond: bool, what: str) -> None:
+            if not cond:
+                raise ValueError(f"invalid hyper-parameter: {what}")
+
+        need(isinstance(self.n_clusters, (int, np.integer)) and self.n_clusters >= 1, f"n_clusters must be an int >= 1, got {self.n_clusters!r}")
+        need(all(int(h) >= 1 for h in self.hidden_dims), f"hidden_dims must be positive, got {self.hidden_dims!r}")
+        need(int(self.latent_dim) >= 1, f"latent_dim must be >= 1, got {self.latent_dim!r}")
+        need(self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
+        need(self.pretrain_epochs >= 0 and self.refine_max_iter >= 0, "pretrain_epochs and refine_max_iter must be >= 0")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
+        need(self.online_steps >= 0, f"online_steps must be >= 0, got {self.online_steps!r}")
+        need(self.max_update_ms > 0, f"max_update_ms must be > 0, got {self.max_update_ms!r}")
+        need(0 < self.novelty_quantile < 1, f"novelty_quantile must be in (0, 1), got {self.novelty_quantile!r}")
+        need(0 <= self.max_churn <= 1, f"max_churn must be in [0, 1], got {self.max_churn!r}")
+        need(self.margin >= 0, f"margin must be >= 0, got {self.margin!r}")
+        need(0 <= self.fisher_decay <= 1 and 0 <= self.freq_decay < 1, "fisher_decay must be in [0, 1] and freq_decay in [0, 1)")
+        need(self.reservoir_size >= 1 and self.buffer_size >= 1 and self.buffer_ttl >= 1, "reservoir_size, buffer_size and buffer_ttl must be >= 1")
+        need(self.min_support is None or self.min_support >= 2, f"min_support must be None or >= 2, got {self.min_support!r}")
+        need(self.max_clusters is None or self.max_clusters >= self.n_clusters, f"max_clusters must be >= n_clusters, got {self.max_clusters!r}")
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "centres_"):
+            raise ValueError("this StreamDEC instance is not fitted yet: call fit(X) or StreamDEC.load(path) first")
+
+    def _prepare(self, X) -> torch.Tensor:
+        X = check_embeddings(X, n_features=self.n_features_in_)
+        return (torch.from_numpy(X).to(self.device_) - self.mean_) / self.scale_
+
+    @torch.no_grad()
+    def _encode(self, Xn: torch.Tensor) -> torch.Tensor:
+        enc = self.autoencoder_.encoder
+        return torch.cat([enc(Xn[i : i + _PREDICT_CHUNK]) for i in range(0, Xn.shape[0], _PREDICT_CHUNK)])
+
+    @torch.no_grad()
+    def _distances(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw ``[n, K]`` squared distance to the nearer prototype of each id, and the gated one."""
+        d = torch.minimum(squared_distances(z, self.centres_), squared_distances(z, self.memory_))
+        gate = torch.where(self.spawned_, (1.0 + self.margin) ** 2, 1.0)
+        return d, d * gate[None, :]
+
+    @torch.no_grad()
+    def _assign(self, z: torch.Tensor) -> torch.Tensor:
+        out = [self._distances(z[i : i + _PREDICT_CHUNK])[1].argmin(1) for i in range(0, z.shape[0], _PREDICT_CHUNK)]
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=z.device)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y=None) -> "StreamDEC":
+        """Train the autoencoder and the clustering layer on ``X`` (no labels used)."""
+        self._check_params()
+        X = check_embeddings(X)
+        if X.shape[0] < self.n_clusters:
+            raise ValueError(f"X has {X.shape[0]} samples, fewer than n_clusters={self.n_clusters}")
+        dev = _resolve_device(self.device)
+        seed = int(self.random_state) if self.random_state is not None else int(np.random.SeedSequence().entropy % (2**31))
+        t0 = time.perf_counter()
+        Xt = torch.from_numpy(X).to(dev)
+        mean = Xt.mean(0)
+        # One global scale (not per feature) keeps the geometry of the embeddings intact.
+        scale = float(torch.sqrt(((Xt - mean) ** 2).mean())) or 1.0
+        Xn = (Xt - mean) / scale
+        gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            ae = Autoencoder(X.shape[1], self.hidden_dims, self.latent_dim).to(dev)
+        self._say(f"fit: {X.shape[0]} x {X.shape[1]} on {dev}, autoencoder {ae.dims}")
+        pretrain_autoencoder(
+            ae, Xn, epochs=self.pretrain_epochs, batch_size=self.batch_size, lr=self.pretrain_lr, generator=gen,
+            on_epoch=lambda e, loss: self._say(f"pretrain epoch {e + 1}/{self.pretrain_epochs} loss {loss:.4f}")
+            if (e + 1) % 5 == 0 or e + 1 == self.pretrain_epochs else None,
+        )
+        with torch.no_grad():
+            z = torch.cat([ae.encoder(Xn[i : i + _PREDICT_CHUNK]) for i in range(0, Xn.shape[0], _PREDICT_CHUNK)])
+        km = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, random_state=seed).fit(z.cpu().numpy())
+        centres = torch.nn.Parameter(torch.from_numpy(km.cluster_centers_.astype(np.float32)).to(dev))
+        self._say(f"k-means init: inertia {km.inertia_:.3g}")
+        if self.refine_max_iter > 0:
+            iters = refine_dec(
+                ae.encoder, centres, Xn, alpha=self.alpha, lr=self.refine_lr, batch_size=self.batch_size,
+                max_iter=self.refine_max_iter, update_interval=self.update_interval, tol=self.tol,
+                generator=gen, train_encoder=self.refine_encoder,
+                on_update=lambda it, delta, loss: self._say(f"refine iter {it}: label change {delta:.4f}, KL {loss:.4f}"),
+            )
+            self._say(f"refinement stopped after {iters} iterations")
+        ae.eval()
+        for p in ae.parameters():
+            p.requires_grad_(False)
+        self.device_ = dev
+        self.seed_ = seed
+        self.n_features_in_ = X.shape[1]
+        self.mean_ = mean
+        self.scale_ = scale
+        self.autoencoder_ = ae
+        with torch.no_grad():
+            z = self._encode(Xn)
+        self._init_online_state(z, centres.detach().clone())
+        self.fit_seconds_ = time.perf_counter() - t0
+        self._say(f"fit done in {self.fit_seconds_:.1f}s: {self.n_clusters} clusters")
+        return self
+
+    @torch.no_grad()
+    def _init_online_state(self, z: torch.Tensor, centres: torch.Tensor) -> None:
+        k, dev = centres.shape[0], centres.device
+        self.centres_ = centres
+        self.memory_ = centres.clone()
+        self.spawned_ = torch.zeros(k, dtype=torch.bool, device=dev)
+        self.cluster_ids_ = np.arange(k, dtype=np.int64)
+        self.next_id_ = k
+        self.version_ = 0
+        d2 = squared_distances(z, centres)
+        lab = d2.argmin(1)
+        own = d2.gather(1, lab[:, None]).squeeze(1)
+        counts = torch.bincount(lab, minlength=k)
+        radius = torch.full((k,), float("nan"), device=dev)
+        spread = torch.full((k,), float("nan"), device=dev)
+        for j in range(k):
+            m = own[lab == j]
+            if m.numel() >= 2:
+                radius[j] = torch.quantile(m, self.novelty_quantile)
+                spread[j] = m.mean()
+        radius = torch.where(torch.isnan(radius), torch.nanmedian(radius), radius)
+        self.radius_ = radius
+        self.freq_ = (counts.float() / counts.sum()).clamp_min(1e-6)
+        # Data-relative scales: the typical within-cluster mean squared distance sets the
+        # online step size and the cohesion a new cluster must show.
+        spread_med = float(torch.nanmedian(spread))
+        self.cohesion_ = float(torch.nanquantile(spread, 0.9))
+        self.latent_scale_ = float(np.sqrt(max(spread_med, 1e-12) / z.shape[1]))
+        sizes = counts[counts > 0].float()
+        self.min_support_ = int(self.min_support) if self.min_support is not None else int(np.clip(0.2 * float(sizes.median()), 10, 50))
+        self.max_clusters_ = int(self.max_clusters) if self.max_clusters is not None else 2 * k
+        self.fisher_ = fisher_diagonal(z, centres, self.alpha)
+        self.ewc_anchor_ = centres.clone()
+        rng = np.random.default_rng([self.seed_, 0])
+        self.reservoir_ = Reservoir(self.reservoir_size, z.shape[1])
+        self.reservoir_.add(z[torch.from_numpy(rng.permutation(z.shape[0])).to(dev)].cpu().numpy(), rng)
+        self.buffer_ = NoveltyBuffer(self.buffer_size, z.shape[1], self.buffer_ttl)
+        self.n_seen_ = int(z.shape[0])
+
+    # ------------------------------------------------------------------ predict
+    def predict(self, X) -> np.ndarray:
+        """Cluster id (int64, stable across updates) of every row of ``X``."""
+        self._check_fitted()
+        idx = self._assign(self._encode(self._prepare(X)))
+        return self.cluster_ids_[idx.cpu().numpy()]
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Soft assignments ``[n, K]``; columns follow ``cluster_ids_``."""
+        self._check_fitted()
+        z = self._encode(self._prepare(X))
+        out = [soft_assignment(self._distances(z[i : i + _PREDICT_CHUNK])[1], self.alpha) for i in range(0, z.shape[0], _PREDICT_CHUNK)]
+        return torch.cat(out).cpu().numpy()
+
+    def transform(self, X) -> np.ndarray:
+        """Latent codes of ``X``."""
+        self._check_fitted()
+        return self._encode(self._prepare(X)).cpu().numpy()
+
+    @property
+    def n_clusters_(self) -> int:
+        """Current number of clusters (grows as new groups are found)."""
+        self._check_fitted()
+        return int(self.cluster_ids_.shape[0])
+
+    # ------------------------------------------------------------------ online update
+    def partial_fit(self, X, y=None) -> DriftReport:
+        """One bounded online update on the micro-batch ``X``; returns its drift report.
+
+        A rejected input (``ValueError``) leaves the model unchanged.
+        """
+        self._check_fitted()
+        t0 = time.perf_counter()
+        deadline = t0 + self.max_update_ms / 1000.0
+        z = self._encode(self._prepare(X))
+        version = self.version_ + 1
+        rng = np.random.default_rng([self.seed_, version])
+        dev = z.device
+
+        d_raw, d_eff = self._distances(z)
+        nearest = d_eff.argmin(1)
+        explained = d_raw.gather(1, nearest[:, None]).squeeze(1) <= self.radius_[nearest]
+        z_in, z_out = z[explained], z[~explained]
+
+        res = torch.from_numpy(self.reservoir_.data).to(dev)
+        before = self._assign(res)
+        old_centres = self.centres_.clone()
+        k_old = self.centres_.shape[0]
+
+        steps, exhausted = self._centre_steps(z_in, res, rng, deadline)
+
+        self.buffer_.add(z_out.cpu().numpy(), version)
+        spawned = self._maybe_spawn(rng) if not exhausted else []
+
+        after = self._assign(res)
+        churn = float((before != after).float().mean()) if len(res) else 0.0
+        action = "none"
+        while churn > self.max_churn:
+            new_taken = after >= k_old
+            if spawned and bool(new_taken.any()):
+                # Drop the new cluster that relabels most remembered items.
+                worst = int(torch.bincount(after[new_taken] - k_old, minlength=len(spawned)).argmax())
+                self._drop_cluster(k_old + worst)
+                spawned.pop(worst)
+                action = "dropped_new"
+            elif not torch.equal(self.centres_[:k_old], old_centres):
+                self.centres_[:k_old] = old_centres + 0.5 * (self.centres_[:k_old] - old_centres)
+                if float((self.centres_[:k_old] - old_centres).norm(dim=1).max()) < 1e-3 * self.latent_scale_:
+                    self.centres_[:k_old] = old_centres
+                    action = "rolled_back"
+                else:
+                    action = "shrunk"
+            else:
+                break
+            after = self._assign(res)
+            churn = float((before != after).float().mean())
+
+        if spawned:
+            self.buffer_.remove(np.concatenate(spawned))
+        new_ids = [int(i) for i in self.cluster_ids_[k_old:]]
+        with torch.no_grad():
+            if z_in.shape[0]:
+                q = soft_assignment(squared_distances(z_in, self.centres_), self.alpha)
+                freq = torch.cat([self.freq_, torch.full((len(new_ids),), float(self.freq_.mean()), device=dev)])
+                self.freq_ = self.freq_decay * freq + (1 - self.freq_decay) * q.mean(0)
+                fisher = torch.cat([self.fisher_, torch.zeros(len(new_ids), self.fisher_.shape[1], device=dev)])
+                self.fisher_ = self.fisher_decay * fisher + fisher_diagonal(z_in, self.centres_, self.alpha)
+                self.reservoir_.add(z_in.cpu().numpy(), rng)
+            else:
+                pad = len(new_ids)
+                self.freq_ = torch.cat([self.freq_, torch.full((pad,), float(self.freq_.mean()), device=dev)])
+                self.fisher_ = torch.cat([self.fisher_, torch.zeros(pad, self.fisher_.shape[1], device=dev)])
+            self.ewc_anchor_ = self.centres_.clone()
+        shift = float((self.centres_[:k_old] - old_centres).norm(dim=1).mean() / torch.sqrt(self.radius_[:k_old]).mean())
+        self.version_ = version
+        self.n_seen_ += int(z.shape[0])
+        return DriftReport(
+            model_version=version,
+            n_items=int(z.shape[0]),
+            steps=steps,
+            update_ms=(time.perf_counter() - t0) * 1000.0,
+            churn=churn,
+            centre_shift=shift,
+            novelty_rate=float((~explained).float().mean()),
+            new_cluster_ids=new_ids,
+            n_clusters=self.n_clusters_,
+            buffer_size=len(self.buffer_),
+            budget_exhausted=exhausted,
+            guard_action=action,
+        )
+
+    def _centre_steps(self, z_in: torch.Tensor, res: torch.Tensor, rng: np.random.Generator, deadline: float) -> tuple[int, bool]:
+        """DEC steps on the current prototypes under EWC and distillation; returns (steps, budget hit)."""
+        if self.online_steps == 0 or z_in.shape[0] == 0:
+            return 0, False
+        mu = self.centres_.clone().requires_grad_(True)
+        opt = torch.optim.Adam([mu], lr=self.online_lr * self.latent_scale_)
+        rehearse = res[torch.from_numpy(rng.choice(len(res), size=min(len(res), 512), replace=False)).to(res.device)] if len(res) else res
+        with torch.no_grad():
+            q_old = soft_assignment(squared_distances(rehearse, self.centres_), self.alpha)
+        steps, exhausted = 0, False
+        for _ in range(self.online_steps):
+            if time.perf_counter() > deadline:
+                exhausted = True
+                break
+            q = soft_assignment(squared_distances(z_in, mu), self.alpha)
+            loss = kl_clustering_loss(target_distribution(q, self.freq_), q)
+            loss = loss + self.ewc_lambda * ewc_penalty(mu, self.ewc_anchor_, self.fisher_)
+            if self.distill_weight > 0 and len(rehearse):
+                q_new = soft_assignment(squared_distances(rehearse, mu), self.alpha)
+                loss = loss + self.distill_weight * kl_clustering_loss(q_old, q_new)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+        with torch.no_grad():
+            self.centres_ = mu.detach()
+        return steps, exhausted
+
+    def _maybe_spawn(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """Turn dense persistent groups of the novelty buffer into new clusters."""
+        room = self.max_clusters_ - self.n_clusters_
+        buf = self.buffer_
+        if room <= 0 or len(buf) < 2 * self.min_support_ or buf.added_since_try < self.min_support_:
+            return []
+        protos = torch.cat([self.centres_, self.memory_]).cpu().numpy()
+        radii = torch.cat([self.radius_, self.radius_]).cpu().numpy()
+        cands = find_new_clusters(
+            buf.z, buf.born, existing=protos, existing_radius=radii, min_support=self.min_support_,
+            max_cohesion=self.cohesion_, radius_quantile=self.novelty_quantile, max_new=min(room, 8),
+            seed=int(rng.integers(2**31)),
+        )
+        buf.added_since_try = 0
+        members = []
+        dev = self.centres_.device
+        for c in cands[:room]:
+            centre = torch.from_numpy(c.centre).to(dev)[None, :]
+            self.centres_ = torch.cat([self.centres_, centre])
+            self.memory_ = torch.cat([self.memory_, centre.clone()])
+            self.ewc_anchor_ = torch.cat([self.ewc_anchor_, centre.clone()])
+            self.spawned_ = torch.cat([self.spawned_, torch.ones(1, dtype=torch.bool, device=dev)])
+            # Spawned groups are the fringe of a class; never let their radius be tighter
+            # than a typical original cluster's.
+            r = max(c.radius, float(torch.quantile(self.radius_[~self.spawned_[:-1]], 0.25)))
+            self.radius_ = torch.cat([self.radius_, torch.tensor([r], device=dev)])
+            self.cluster_ids_ = np.append(self.cluster_ids_, np.int64(self.next_id_))
+            self.next_id_ += 1
+            members.append(c.members)
+        return members
+
+    def _drop_cluster(self, j: int) -> None:
+        """Undo a spawn made in this update (its id was never published, so it is not reused)."""
+        keep = torch.ones(self.centres_.shape[0], dtype=torch.bool, device=self.centres_.device)
+        keep[j] = False
+        for name in ("centres_", "memory_", "ewc_anchor_", "spawned_", "radius_"):
+            setattr(self, name, getattr(self, name)[keep])
+        self.cluster_ids_ = np.delete(self.cluster_ids_, j)
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self, extra: dict | None) -> dict:
+        self._check_fitted()
+        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}
+        cpu = lambda t: t.detach().cpu().clone()  # noqa: E731
+        return {
+            "format": FORMAT_VERSION,
+            "params": params,
+            "autoencoder": {k: cpu(v) for k, v in self.autoencoder_.state_dict().items()},
+            "tensors": {
+                name: cpu(getattr(self, name))
+                for name in ("mean_", "centres_", "memory_", "spawned_", "radius_", "freq_", "fisher_", "ewc_anchor_")
+            },
+            "cluster_ids": torch.from_numpy(self.cluster_ids_.copy()),
+            "scalars": {
+                name: getattr(self, name)
+                for name in ("seed_", "n_features_in_", "scale_", "next_id_", "version_", "cohesion_", "latent_scale_", "min_support_", "max_clusters_", "n_seen_")
+            },
+            "reservoir": {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in self.reservoir_.state().items()},
+            "buffer": {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in self.buffer_.state().items()},
+            "extra": dict(extra or {}),
+        }
+
+    def save(self, path: str | Path, *, extra: dict | None = None, keep: int = 3) -> Path:
+        """Write a checkpoint atomically; returns the file written.
+
+        ``path`` may be a file, or a directory (existing, or given with a trailing
+        slash) in which ``ckpt-<version>.sdec`` is written and the newest ``keep`` kept.
+        ``extra`` is stored verbatim (plain data only), e.g. consumer offsets.
+        """
+        state = self._state(extra)
+        p = Path(path)
+        if p.is_dir() or str(path).endswith(("/", "\\")):
+            return ckpt.save_to_directory(p, state, seq=self.version_, keep=keep)
+        return ckpt.write_atomic(p, state)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> "StreamDEC":
+        """Load a checkpoint file, or the newest valid one of a directory.
+
+        Raises :class:`stream_dec.checkpoint.CheckpointError` (a ``ValueError``) when no
+        usable checkpoint exists; never returns a half-loaded model.
+        """
+        state, source = ckpt.load_any(path)
+        try:
+            return cls._from_state(state, device, source)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ckpt.CheckpointError(f"{source} is incomplete or inconsistent: {exc}") from None
+
+    @classmethod
+    def _from_state(cls, state: dict, device: str | None, source: Path) -> "StreamDEC":
+        if state.get("format") != FORMAT_VERSION:
+            raise ckpt.CheckpointError(f"{source} has format {state.get('format')!r}, expected {FORMAT_VERSION}")
+        params = dict(state["params"])
+        params["hidden_dims"] = tuple(params["hidden_dims"])
+        if device is not None:
+            params["device"] = device
+        m = cls(**params)
+        dev = _resolve_device(m.device)
+        sc = state["scalars"]
+        ae = Autoencoder(int(sc["n_features_in_"]), m.hidden_dims, m.latent_dim)
+        ae.load_state_dict(state["autoencoder"])
+        ae.to(dev).eval()
+        for p in ae.parameters():
+            p.requires_grad_(False)
+        m.autoencoder_ = ae
+        m.device_ = dev
+        for name, t in state["tensors"].items():
+            setattr(m, name, t.to(dev))
+        for name, v in sc.items():
+            setattr(m, name, v)
+        m.cluster_ids_ = state["cluster_ids"].numpy().astype(np.int64)
+        np_state = lambda d: {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}  # noqa: E731
+        m.reservoir_ = Reservoir.from_state(np_state(state["reservoir"]))
+        m.buffer_ = NoveltyBuffer.from_state(np_state(state["buffer"]))
+        m.checkpoint_extra_ = dict(state.get("extra", {}))
+        m.checkpoint_path_ = source
+        k = m.centres_.shape[0]
+        if not (m.memory_.shape[0] == m.radius_.shape[0] == m.fisher_.shape[0] == len(m.cluster_ids_) == k):
+            raise ValueError("cluster arrays disagree in length")
+        return m
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-data description of the fitted model (used by ``stream-dec inspect``)."""
+        self._check_fitted()
+        return {
+            "model_version": int(self.version_),
+            "n_features_in": int(self.n_features_in_),
+            "latent_dim": int(self.latent_dim),
+            "autoencoder": list(self.autoencoder_.dims),
+            "n_clusters": self.n_clusters_,
+            "cluster_ids": [int(i) for i in self.cluster_ids_],
+            "spawned_ids": [int(i) for i, s in zip(self.cluster_ids_, self.spawned_.cpu().numpy()) if s],
+            "next_id": int(self.next_id_),
+            "max_clusters": int(self.max_clusters_),
+            "min_support": int(self.min_support_),
+            "items_seen": int(self.n_seen_),
+            "reservoir": len(self.reservoir_),
+            "novelty_buffer": len(self.buffer_),
+            "fisher_mean": float(self.fisher_.mean()),
+            "seed": int(self.seed_),
+            "device": str(self.device_),
+        }

@@ -1,0 +1,52 @@
+"""A fixed-size uniform sample of past latents (Vitter's algorithm R).
+
+It is the model's memory of what it has labelled: the churn guard measures how many
+of these items an update would relabel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Reservoir:
+    """Uniform sample of at most ``capacity`` rows of everything passed to :meth:`add`."""
+
+    def __init__(self, capacity: int, dim: int):
+        self.capacity = int(capacity)
+        self.data = np.zeros((0, dim), dtype=np.float32)
+        self.n_seen = 0
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def add(self, rows: np.ndarray, rng: np.random.Generator) -> None:
+        """Offer ``rows``; each row seen so far is kept with probability capacity / n_seen."""
+        rows = np.asarray(rows, dtype=np.float32)
+        free = self.capacity - len(self)
+        if free > 0:
+            self.data = np.concatenate([self.data, rows[:free]])
+            self.n_seen += min(free, rows.shape[0])
+            rows = rows[free:]
+        if rows.shape[0] == 0:
+            return
+        # For the i-th row overall, draw j in [0, i); it replaces slot j if j < capacity.
+        positions = self.n_seen + np.arange(1, rows.shape[0] + 1)
+        j = np.floor(rng.random(rows.shape[0]) * positions).astype(np.int64)
+        keep = j < self.capacity
+        # Later rows overwrite earlier ones in the same slot, as the sequential algorithm would.
+        self.data[j[keep]] = rows[keep]
+        self.n_seen += rows.shape[0]
+
+    def state(self) -> dict:
+        """Plain-data state for checkpoints."""
+        return {"capacity": self.capacity, "data": self.data.copy(), "n_seen": self.n_seen}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Reservoir":
+        """Rebuild from :meth:`state`."""
+        data = np.asarray(state["data"], dtype=np.float32)
+        r = cls(int(state["capacity"]), data.shape[1])
+        r.data = data.copy()
+        r.n_seen = int(state["n_seen"])
+        return r
