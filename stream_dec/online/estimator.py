@@ -358,7 +358,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         steps, exhausted = self._centre_steps(z_in, res, rng, deadline)
 
         self.buffer_.add(z_out.cpu().numpy(), version)
-        spawned = self._maybe_spawn(rng) if not exhausted else []
+        spawned = self._maybe_spawn(rng)
 
         after = self._assign(res)
         churn = float((before != after).float().mean()) if len(res) else 0.0

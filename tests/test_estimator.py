@@ -1,0 +1,180 @@
+"""StreamDEC behaviour: id stability, new clusters from evidence, guard, determinism, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stream_dec import DriftReport, StreamDEC
+from stream_dec.evaluation import cluster_acc
+from tests.conftest import FAST, make_blobs
+
+
+def _clone(model: StreamDEC, tmp_path) -> StreamDEC:
+    model.save(tmp_path / "clone.sdec")
+    return StreamDEC.load(tmp_path / "clone.sdec")
+
+
+def test_fit_finds_the_blobs(fitted, blobs):
+    ids = fitted.predict(blobs["X"])
+    assert ids.dtype == np.int64
+    assert cluster_acc(blobs["y"], ids) > 0.98
+    assert list(fitted.cluster_ids_) == [0, 1, 2, 3, 4]
+
+
+def test_predict_proba_rows_and_columns(fitted, blobs):
+    P = fitted.predict_proba(blobs["X"][:50])
+    assert P.shape == (50, fitted.n_clusters_)
+    assert np.allclose(P.sum(1), 1.0, atol=1e-5)
+    assert np.array_equal(fitted.cluster_ids_[P.argmax(1)], fitted.predict(blobs["X"][:50]))
+
+
+def test_old_ids_stay_while_new_blob_gets_new_id(fitted, blobs, tmp_path):
+    m = _clone(fitted, tmp_path)
+    X_old, y_old, X_new = blobs["X"], blobs["y"], blobs["X_new"]
+    ref_ids = m.predict(X_old)
+    rng = np.random.default_rng(1)
+    reports = []
+    for t in range(20):
+        old_part = X_old[rng.choice(len(X_old), 100, replace=False)]
+        new_part = X_new[rng.choice(len(X_new), 30, replace=False)] if t >= 3 else X_new[:0]
+        reports.append(m.partial_fit(np.concatenate([old_part, new_part])))
+        assert np.mean(m.predict(X_old) != ref_ids) <= 0.01, f"churn after update {t}"
+    assert all(isinstance(r, DriftReport) for r in reports)
+    assert [r.model_version for r in reports] == list(range(1, 21))
+    new_ids = sorted({i for r in reports for i in r.new_cluster_ids})
+    assert len(new_ids) >= 1 and min(new_ids) >= 5
+    pred_new = m.predict(X_new)
+    # The novel blob is labelled by a new id, one id for almost all of it.
+    top_id, top_count = np.unique(pred_new, return_counts=True)
+    assert top_id[top_count.argmax()] in new_ids
+    assert top_count.max() / len(X_new) > 0.9
+    assert m.n_clusters_ <= 7
+
+
+def test_ids_are_never_reused(fitted, blobs, tmp_path):
+    m = _clone(fitted, tmp_path)
+    seen = set(m.cluster_ids_.tolist())
+    for t in range(12):
+        m.partial_fit(np.concatenate([blobs["X"][t * 50 : t * 50 + 50], blobs["X_new"][t * 25 : t * 25 + 25]]))
+        ids = m.cluster_ids_.tolist()
+        assert ids == sorted(ids) and len(ids) == len(set(ids))
+        assert set(ids) >= seen  # append-only
+        seen |= set(ids)
+    assert m.next_id_ > max(seen)
+
+
+def test_pure_noise_does_not_explode_clusters(fitted, tmp_path):
+    m = _clone(fitted, tmp_path)
+    rng = np.random.default_rng(3)
+    scale = 8.0  # noise over the whole region the blobs span
+    for _ in range(20):
+        m.partial_fit((rng.standard_normal((200, m.n_features_in_)) * scale).astype(np.float32))
+    assert m.n_clusters_ <= 6
+
+
+def test_report_fields_and_fisher_after_update(fitted, blobs, tmp_path):
+    m = _clone(fitted, tmp_path)
+    fisher0 = m.fisher_.clone()
+    r = m.partial_fit(blobs["X"][:256])
+    assert r.n_items == 256 and r.steps == m.online_steps and 0 <= r.churn <= 1
+    assert 0 <= r.novelty_rate <= 0.2 and r.centre_shift >= 0 and r.update_ms > 0
+    assert r.n_clusters == 5 and r.new_cluster_ids == []
+    assert (m.fisher_ >= 0).all() and m.fisher_.sum() > 0
+    assert not torch.equal(m.fisher_, fisher0)
+    d = r.to_dict()
+    assert d["model_version"] == 1 and "churn" in d
+
+
+def test_step_and_time_budgets_bound_the_update(fitted, blobs, tmp_path):
+    m = _clone(fitted, tmp_path)
+    m.online_steps = 3
+    assert m.partial_fit(blobs["X"][:128]).steps == 3
+    m.online_steps, m.max_update_ms = 100000, 30.0
+    r = m.partial_fit(blobs["X"][:128])
+    assert r.budget_exhausted and 0 < r.steps < 100000
+    assert r.update_ms < 30.0 + 250.0  # the budget is checked between steps
+
+
+def _drift_into_neighbour(model: StreamDEC, blobs) -> tuple[list, float]:
+    """Cluster 0's items walk into cluster 1; the current prototype of id 0 follows them."""
+    X, y = blobs["X"], blobs["y"]
+    ids = model.predict(X)
+    src, dst = np.bincount(ids[y == 0]).argmax(), np.bincount(ids[y == 1]).argmax()
+    c_src, c_dst = X[ids == src].mean(0), X[ids == dst].mean(0)
+    ref_ids = model.predict(X)
+    reports = []
+    for t in range(1, 16):
+        batch = X[ids == src][:150] + (t / 15) * (c_dst - c_src)
+        reports.append(model.partial_fit(batch))
+    return reports, float(np.mean(model.predict(X) != ref_ids))
+
+
+def test_churn_guard_bounds_relabelling(fitted, blobs, tmp_path):
+    loose = dict(online_lr=0.5, online_steps=20, ewc_lambda=0.0, distill_weight=0.0)
+    unguarded = _clone(fitted, tmp_path).set_params(max_churn=1.0, **loose)
+    reports, total = _drift_into_neighbour(unguarded, blobs)
+    assert max(r.churn for r in reports) > 0.02 and total > 0.02
+
+    guarded = _clone(fitted, tmp_path).set_params(max_churn=0.002, **loose)
+    reports, total = _drift_into_neighbour(guarded, blobs)
+    assert all(r.churn <= 0.002 for r in reports)
+    assert {r.guard_action for r in reports} & {"shrunk", "rolled_back"}
+    assert total <= 0.01
+
+
+def test_same_seed_same_outputs(blobs):
+    outs = []
+    for _ in range(2):
+        m = StreamDEC(n_clusters=5, random_state=11, **FAST).fit(blobs["X"])
+        reps = [m.partial_fit(np.concatenate([blobs["X"][i * 60 : i * 60 + 60], blobs["X_new"][i * 30 : i * 30 + 30]])) for i in range(8)]
+        outs.append((m.predict(blobs["X"]), m.predict(blobs["X_new"]), m.centres_.clone(), [r.new_cluster_ids for r in reps]))
+    assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
+    assert torch.equal(outs[0][2], outs[1][2])
+    assert outs[0][3] == outs[1][3]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((0, 24), np.float32), "empty"),
+        (np.zeros(24, np.float32), "2-D"),
+        (np.zeros((3, 4, 24), np.float32), "2-D"),
+        (np.zeros((5, 23), np.float32), "23 features"),
+        (np.array([[np.nan] * 24]), "NaN"),
+        (np.array([[np.inf] * 24]), "NaN or infinite"),
+        (np.array([["a"] * 24]), "numeric"),
+    ],
+)
+def test_bad_input_is_rejected_and_model_unchanged(fitted, blobs, tmp_path, bad, message):
+    m = _clone(fitted, tmp_path)
+    before = (m.centres_.clone(), m.version_, m.cluster_ids_.copy(), len(m.reservoir_), m.reservoir_.n_seen)
+    for call in (m.partial_fit, m.predict, m.predict_proba):
+        with pytest.raises(ValueError, match=message):
+            call(bad)
+    assert torch.equal(before[0], m.centres_) and before[1] == m.version_
+    assert np.array_equal(before[2], m.cluster_ids_) and before[3:] == (len(m.reservoir_), m.reservoir_.n_seen)
+
+
+def test_fit_rejects_bad_input_and_bad_parameters(blobs):
+    with pytest.raises(ValueError, match="NaN"):
+        StreamDEC(n_clusters=2, **FAST).fit(np.array([[1.0, np.nan], [0.0, 1.0], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="fewer than n_clusters"):
+        StreamDEC(n_clusters=10, **FAST).fit(blobs["X"][:5])
+    with pytest.raises(ValueError, match="n_clusters"):
+        StreamDEC(n_clusters=0, **FAST).fit(blobs["X"])
+    with pytest.raises(ValueError, match="novelty_quantile"):
+        StreamDEC(n_clusters=3, novelty_quantile=1.5, **FAST).fit(blobs["X"])
+    with pytest.raises(ValueError, match="not fitted"):
+        StreamDEC(n_clusters=3).predict(blobs["X"])
+
+
+def test_cluster_cap_is_respected(blobs):
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((12, 24)) * 5.0
+    X, y = make_blobs(150, centres, 0.4, rng)
+    m = StreamDEC(n_clusters=3, max_clusters=5, random_state=0, **FAST).fit(X[y < 3])
+    for t in range(15):
+        m.partial_fit(X[y >= 3][t * 80 : t * 80 + 80])
+    assert m.n_clusters_ <= 5
