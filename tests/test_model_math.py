@@ -82,3 +82,32 @@ def test_ewc_penalty_grows_with_shift():
     pens = [ewc_penalty(mu + s * direction, mu, fisher).item() for s in (0.0, 0.1, 0.5, 1.0)]
     assert pens[0] == 0.0
     assert pens[1] < pens[2] < pens[3]
+
+
+def test_closed_form_centre_gradient_matches_autograd():
+    from stream_dec.model import kl_centre_gradient
+
+    z, mu = _data(n=80, k=5, d=4)
+    for alpha in (1.0, 0.5, 3.0):
+        p = target_distribution(soft_assignment(squared_distances(z, mu), alpha))
+        m = mu.clone().requires_grad_(True)
+        kl_clustering_loss(p, soft_assignment(squared_distances(z, m), alpha)).backward()
+        assert torch.allclose(kl_centre_gradient(z, mu, p, alpha), m.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_torch_kmeans_and_silhouette_agree_with_sklearn():
+    import numpy as np
+    from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+    from stream_dec.model.kmeans import kmeans_pp, silhouette
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((4, 6)) * 5
+    X = np.concatenate([c + rng.standard_normal((100, 6)) for c in centres]).astype(np.float32)
+    y = np.repeat(np.arange(4), 100)
+    labels, found = kmeans_pp(torch.from_numpy(X), 4, torch.Generator().manual_seed(0))
+    assert found.shape == (4, 6)
+    assert adjusted_rand_score(y, labels.numpy()) > 0.99
+    for lab in (labels.numpy(), rng.integers(0, 3, size=len(X))):
+        ours = silhouette(torch.from_numpy(X), torch.from_numpy(lab))
+        assert abs(ours - silhouette_score(X, lab)) < 1e-4

@@ -2,6 +2,7 @@
 
 from stream_dec.model.autoencoder import Autoencoder, pretrain_autoencoder
 from stream_dec.model.dec import (
+    kl_centre_gradient,
     kl_clustering_loss,
     refine_dec,
     soft_assignment,
@@ -14,6 +15,7 @@ __all__ = [
     "Autoencoder",
     "ewc_penalty",
     "fisher_diagonal",
+    "kl_centre_gradient",
     "kl_clustering_loss",
     "pretrain_autoencoder",
     "refine_dec",

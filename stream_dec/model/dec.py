@@ -44,6 +44,22 @@ def kl_clustering_loss(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p * (torch.log(p + eps) - torch.log(q + eps))).sum(1).mean()
 
 
+@torch.no_grad()
+def kl_centre_gradient(z: torch.Tensor, centres: torch.Tensor, p: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Closed-form gradient of KL(P || Q(z, centres)) (mean over rows) w.r.t. the centres.
+
+    dL/dμ_j = -(1/n) Σ_i (p_ij - q_ij) · (α+1)/α · (z_i - μ_j) / (1 + d_ij/α).
+    It costs two matmuls and a few element-wise passes, several times cheaper than
+    autograd on the online hot path; the tests check it against autograd.
+    """
+    d2 = squared_distances(z, centres)
+    kern = 1.0 / (1.0 + d2 / alpha)
+    q = kern if alpha == 1.0 else kern.pow((alpha + 1.0) / 2.0)
+    q = q / q.sum(1, keepdim=True)
+    w = (p - q) * kern * ((alpha + 1.0) / alpha)
+    return -(w.T @ z - w.sum(0)[:, None] * centres) / z.shape[0]
+
+
 def refine_dec(
     encoder: nn.Module,
     centres: nn.Parameter,

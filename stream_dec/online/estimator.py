@@ -33,9 +33,8 @@ from stream_dec import checkpoint as ckpt
 from stream_dec._validation import check_embeddings
 from stream_dec.model import (
     Autoencoder,
-    ewc_penalty,
     fisher_diagonal,
-    kl_clustering_loss,
+    kl_centre_gradient,
     pretrain_autoencoder,
     refine_dec,
     soft_assignment,
@@ -204,12 +203,15 @@ class StreamDEC(ClusterMixin, BaseEstimator):
     @torch.no_grad()
     def _distances(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw ``[n, K]`` squared distance to the nearer prototype of each id, and the gated one."""
-        d = torch.minimum(squared_distances(z, self.centres_), squared_distances(z, self.memory_))
+        k = self.centres_.shape[0]
+        both = squared_distances(z, torch.cat([self.centres_, self.memory_]))
+        d = torch.minimum(both[:, :k], both[:, k:])
         gate = torch.where(self.spawned_, (1.0 + self.margin) ** 2, 1.0)
         return d, d * gate[None, :]
 
     @torch.no_grad()
     def _assign(self, z: torch.Tensor) -> torch.Tensor:
+        """Row index (into ``cluster_ids_``) of the winning cluster of every latent."""
         out = [self._distances(z[i : i + _PREDICT_CHUNK])[1].argmin(1) for i in range(0, z.shape[0], _PREDICT_CHUNK)]
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=z.device)
 
@@ -294,6 +296,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         # online step size and the cohesion a new cluster must show.
         spread_med = float(torch.nanmedian(spread))
         self.cohesion_ = float(torch.nanquantile(spread, 0.9))
+        c2 = squared_distances(centres, centres).fill_diagonal_(float("inf"))
+        self.separation_ = float(torch.quantile(c2.min(1).values, 0.1)) if k > 1 else spread_med
         self.latent_scale_ = float(np.sqrt(max(spread_med, 1e-12) / z.shape[1]))
         sizes = counts[counts > 0].float()
         self.min_support_ = int(self.min_support) if self.min_support is not None else int(np.clip(0.2 * float(sizes.median()), 10, 50))
@@ -351,7 +355,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         z_in, z_out = z[explained], z[~explained]
 
         res = torch.from_numpy(self.reservoir_.data).to(dev)
-        before = self._assign(res)
+        before = self._reservoir_assignment(res)
         old_centres = self.centres_.clone()
         k_old = self.centres_.shape[0]
 
@@ -393,12 +397,16 @@ class StreamDEC(ClusterMixin, BaseEstimator):
                 self.freq_ = self.freq_decay * freq + (1 - self.freq_decay) * q.mean(0)
                 fisher = torch.cat([self.fisher_, torch.zeros(len(new_ids), self.fisher_.shape[1], device=dev)])
                 self.fisher_ = self.fisher_decay * fisher + fisher_diagonal(z_in, self.centres_, self.alpha)
-                self.reservoir_.add(z_in.cpu().numpy(), rng)
+                slots = torch.from_numpy(self.reservoir_.add(z_in.cpu().numpy(), rng)).to(dev)
+                res = torch.from_numpy(self.reservoir_.data).to(dev)
+                after = torch.cat([after, after.new_zeros(len(res) - len(after))])
+                after[slots] = self._assign(res[slots])
             else:
                 pad = len(new_ids)
                 self.freq_ = torch.cat([self.freq_, torch.full((pad,), float(self.freq_.mean()), device=dev)])
                 self.fisher_ = torch.cat([self.fisher_, torch.zeros(pad, self.fisher_.shape[1], device=dev)])
             self.ewc_anchor_ = self.centres_.clone()
+        self._res_ids = after
         shift = float((self.centres_[:k_old] - old_centres).norm(dim=1).mean() / torch.sqrt(self.radius_[:k_old]).mean())
         self.version_ = version
         self.n_seen_ += int(z.shape[0])
@@ -417,45 +425,56 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             guard_action=action,
         )
 
+    def _reservoir_assignment(self, res: torch.Tensor) -> torch.Tensor:
+        """Current assignment of the reservoir, cached between updates (derived state, not saved)."""
+        cached = getattr(self, "_res_ids", None)
+        if cached is None or len(cached) != len(res):
+            cached = self._assign(res)
+        return cached
+
     def _centre_steps(self, z_in: torch.Tensor, res: torch.Tensor, rng: np.random.Generator, deadline: float) -> tuple[int, bool]:
-        """DEC steps on the current prototypes under EWC and distillation; returns (steps, budget hit)."""
+        """DEC steps on the current prototypes under EWC and distillation; returns (steps, budget hit).
+
+        The target P is fixed for the whole update (DEC recomputes it only every
+        ``update_interval`` steps too) and built with the running cluster frequencies.
+        Gradients are closed-form (:func:`kl_centre_gradient`), fed to Adam.
+        """
         if self.online_steps == 0 or z_in.shape[0] == 0:
             return 0, False
+        with torch.no_grad():
+            p = target_distribution(soft_assignment(squared_distances(z_in, self.centres_), self.alpha), self.freq_)
+            rehearse = res[torch.from_numpy(rng.choice(len(res), size=min(len(res), 256), replace=False)).to(res.device)]
+            q_old = soft_assignment(squared_distances(rehearse, self.centres_), self.alpha)
         mu = self.centres_.clone().requires_grad_(True)
         opt = torch.optim.Adam([mu], lr=self.online_lr * self.latent_scale_)
-        rehearse = res[torch.from_numpy(rng.choice(len(res), size=min(len(res), 512), replace=False)).to(res.device)] if len(res) else res
-        with torch.no_grad():
-            q_old = soft_assignment(squared_distances(rehearse, self.centres_), self.alpha)
         steps, exhausted = 0, False
         for _ in range(self.online_steps):
             if time.perf_counter() > deadline:
                 exhausted = True
                 break
-            q = soft_assignment(squared_distances(z_in, mu), self.alpha)
-            loss = kl_clustering_loss(target_distribution(q, self.freq_), q)
-            loss = loss + self.ewc_lambda * ewc_penalty(mu, self.ewc_anchor_, self.fisher_)
-            if self.distill_weight > 0 and len(rehearse):
-                q_new = soft_assignment(squared_distances(rehearse, mu), self.alpha)
-                loss = loss + self.distill_weight * kl_clustering_loss(q_old, q_new)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with torch.no_grad():
+                grad = kl_centre_gradient(z_in, mu, p, self.alpha)
+                grad += self.ewc_lambda * self.fisher_ * (mu - self.ewc_anchor_)
+                if self.distill_weight > 0 and len(rehearse):
+                    grad += self.distill_weight * kl_centre_gradient(rehearse, mu, q_old, self.alpha)
+            mu.grad = grad
             opt.step()
             steps += 1
-        with torch.no_grad():
-            self.centres_ = mu.detach()
+        self.centres_ = mu.detach()
         return steps, exhausted
 
     def _maybe_spawn(self, rng: np.random.Generator) -> list[np.ndarray]:
         """Turn dense persistent groups of the novelty buffer into new clusters."""
         room = self.max_clusters_ - self.n_clusters_
         buf = self.buffer_
-        if room <= 0 or len(buf) < 2 * self.min_support_ or buf.added_since_try < self.min_support_:
+        # Back off after a fruitless attempt: wait until the buffer has grown by half.
+        if room <= 0 or len(buf) < 2 * self.min_support_ or buf.added_since_try < max(self.min_support_, len(buf) // 2):
             return []
         protos = torch.cat([self.centres_, self.memory_]).cpu().numpy()
         radii = torch.cat([self.radius_, self.radius_]).cpu().numpy()
         cands = find_new_clusters(
             buf.z, buf.born, existing=protos, existing_radius=radii, min_support=self.min_support_,
-            max_cohesion=self.cohesion_, radius_quantile=self.novelty_quantile, max_new=min(room, 8),
+            max_cohesion=self.cohesion_, min_separation=self.separation_, radius_quantile=self.novelty_quantile, max_new=min(room, 8),
             seed=int(rng.integers(2**31)),
         )
         buf.added_since_try = 0
@@ -500,7 +519,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             "cluster_ids": torch.from_numpy(self.cluster_ids_.copy()),
             "scalars": {
                 name: getattr(self, name)
-                for name in ("seed_", "n_features_in_", "scale_", "next_id_", "version_", "cohesion_", "latent_scale_", "min_support_", "max_clusters_", "n_seen_")
+                for name in ("seed_", "n_features_in_", "scale_", "next_id_", "version_", "cohesion_", "separation_", "latent_scale_", "min_support_", "max_clusters_", "n_seen_")
             },
             "reservoir": {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in self.reservoir_.state().items()},
             "buffer": {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in self.buffer_.state().items()},

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.metrics import silhouette_score
+import torch
+
+from stream_dec.model.kmeans import kmeans_pp, silhouette
 
 
 @dataclass
@@ -81,6 +82,7 @@ def find_new_clusters(
     existing_radius: np.ndarray,
     min_support: int,
     max_cohesion: float,
+    min_separation: float,
     radius_quantile: float,
     max_new: int,
     seed: int,
@@ -89,51 +91,72 @@ def find_new_clusters(
 
     ``existing`` are the current prototypes [m, d] with squared radii ``existing_radius``;
     ``max_cohesion`` is the largest mean squared distance to its own centre that a group
-    may have (derived from the model's clusters by the caller). The number of groups
-    is chosen by silhouette over k = 1..kmax, k = 1 standing in when no split helps.
+    may have, and groups whose centres are closer than ``min_separation`` (squared) are
+    one group; both come from the model's own clusters. The partition is the k-means
+    one with the best silhouette over k = 2..kmax; merging undoes over-splitting.
     """
     n = z.shape[0]
-    kmax = min(max_new, n // min_support)
-    if kmax < 1:
+    kmax = min(max_new + 1, n // min_support)
+    if kmax < 2:
         return []
-    rng = np.random.default_rng(seed)
-    sample = rng.choice(n, size=min(n, 1500), replace=False)
-    best_labels, best_score = np.zeros(n, dtype=np.int64), -np.inf
-    best_centres = z.mean(0, keepdims=True)
+    gen = torch.Generator().manual_seed(seed)
+    zt = torch.from_numpy(z)
+    sample = torch.randperm(n, generator=gen)[:800]
+    best_labels, best_score = None, -np.inf
     for k in range(2, kmax + 1):
-        km = KMeans(n_clusters=k, n_init=2, random_state=seed, max_iter=100).fit(z)
-        if len(np.unique(km.labels_[sample])) < 2:
+        labels, _ = kmeans_pp(zt, k, gen)
+        if len(torch.unique(labels[sample])) < 2:
             continue
-        s = silhouette_score(z[sample], km.labels_[sample])
-        if s > best_score:
-            best_labels, best_score, best_centres = km.labels_, s, km.cluster_centers_
+        score = silhouette(zt[sample], torch.unique(labels[sample], return_inverse=True)[1])
+        if score > best_score:
+            best_labels, best_score = labels.numpy(), score
+    if best_labels is None:
+        return []
+    groups = [_core(z, np.flatnonzero(best_labels == g), min_support) for g in np.unique(best_labels)]
+    groups = _merge_close(z, [g for g in groups if g.size >= min_support], min_separation, min_support)
     out: list[SpawnCandidate] = []
-    for g in range(best_centres.shape[0]):
-        members = np.flatnonzero(best_labels == g)
+    for members in groups:
         if members.size < min_support or np.unique(born[members]).size < 2:
-            continue
-        zc = z[members]
-        # Trim the group to its compact core: members beyond the cohesion bound are
-        # probably noise that k-means attached, and they would bias the centre.
-        centre = zc.mean(0)
-        for _ in range(3):
-            d2 = ((zc - centre) ** 2).sum(1)
-            core = d2 <= np.quantile(d2, 0.8) if members.size > min_support else np.ones_like(d2, bool)
-            centre = zc[core].mean(0)
-        d2 = ((zc - centre) ** 2).sum(1)
-        core = d2 <= 2.0 * max_cohesion
-        if core.sum() < min_support or float(d2[core].mean()) > max_cohesion:
-            continue
-        # (d) a real new group sits outside the radius of the cluster nearest to it.
+            continue  # (a) support, (c) persistence
+        centre = z[members].mean(0)
+        d2 = ((z[members] - centre) ** 2).sum(1)
+        if float(d2.mean()) > max_cohesion:
+            continue  # (b) cohesion
         d2_exist = ((existing - centre) ** 2).sum(1)
         j = int(np.argmin(d2_exist))
         if d2_exist[j] <= existing_radius[j]:
-            continue
-        out.append(
-            SpawnCandidate(
-                centre=centre.astype(np.float32),
-                members=members[core],
-                radius=float(np.quantile(d2[core], radius_quantile)),
-            )
-        )
-    return out
+            continue  # (d) only the fringe of an existing cluster
+        out.append(SpawnCandidate(centre.astype(np.float32), members, float(np.quantile(d2, radius_quantile))))
+    return out[:max_new]
+
+
+def _core(z: np.ndarray, members: np.ndarray, min_support: int) -> np.ndarray:
+    """Trim a k-means group to its compact core (the closest 80%, re-centred a few times).
+
+    k-means attaches stray noise to every group; left in, it biases the centre outward.
+    """
+    if members.size <= min_support:
+        return members
+    core = members
+    for _ in range(3):
+        centre = z[core].mean(0)
+        d2 = ((z[members] - centre) ** 2).sum(1)
+        core = members[d2 <= np.quantile(d2, 0.8)]
+    return core
+
+
+def _merge_close(z: np.ndarray, groups: list[np.ndarray], min_separation: float, min_support: int) -> list[np.ndarray]:
+    """Union groups whose centres are closer than the closest pair of real clusters."""
+    groups = list(groups)
+    merged = True
+    while merged and len(groups) > 1:
+        merged = False
+        centres = np.stack([z[g].mean(0) for g in groups])
+        d2 = ((centres[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+        np.fill_diagonal(d2, np.inf)
+        a, b = np.unravel_index(np.argmin(d2), d2.shape)
+        if d2[a, b] < min_separation:
+            union = np.union1d(groups[a], groups[b])
+            groups = [g for i, g in enumerate(groups) if i not in (a, b)] + [_core(z, union, min_support)]
+            merged = True
+    return groups

@@ -20,16 +20,23 @@ class Reservoir:
     def __len__(self) -> int:
         return self.data.shape[0]
 
-    def add(self, rows: np.ndarray, rng: np.random.Generator) -> None:
-        """Offer ``rows``; each row seen so far is kept with probability capacity / n_seen."""
+    def add(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Offer ``rows``; each row seen so far is kept with probability capacity / n_seen.
+
+        Returns the slots that were written (appended or replaced), so callers can keep
+        per-slot caches in step.
+        """
         rows = np.asarray(rows, dtype=np.float32)
         free = self.capacity - len(self)
+        written = np.zeros(0, dtype=np.int64)
         if free > 0:
+            start = len(self)
             self.data = np.concatenate([self.data, rows[:free]])
             self.n_seen += min(free, rows.shape[0])
+            written = np.arange(start, len(self))
             rows = rows[free:]
         if rows.shape[0] == 0:
-            return
+            return written
         # For the i-th row overall, draw j in [0, i); it replaces slot j if j < capacity.
         positions = self.n_seen + np.arange(1, rows.shape[0] + 1)
         j = np.floor(rng.random(rows.shape[0]) * positions).astype(np.int64)
@@ -37,6 +44,7 @@ class Reservoir:
         # Later rows overwrite earlier ones in the same slot, as the sequential algorithm would.
         self.data[j[keep]] = rows[keep]
         self.n_seen += rows.shape[0]
+        return np.union1d(written, j[keep])
 
     def state(self) -> dict:
         """Plain-data state for checkpoints."""

@@ -1,0 +1,66 @@
+"""Small, fast k-means and silhouette in torch for the online hot path.
+
+scikit-learn's KMeans is used for the one-off initialisation in ``fit``; for the
+novelty buffer (a few thousand low-dimensional rows, several k per attempt, inside a
+50 ms update budget) its per-call overhead (validation, thread-pool set-up) costs
+more than the arithmetic, so this module does the same Lloyd iterations directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stream_dec.model.dec import squared_distances
+
+
+@torch.no_grad()
+def kmeans_pp(z: torch.Tensor, k: int, generator: torch.Generator, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy k-means++ seeding then Lloyd iterations; returns ``(labels [n], centres [k, d])``.
+
+    Greedy seeding (several candidates per pick, keep the one that lowers the potential
+    most, as scikit-learn does) avoids the bad local optima plain k-means++ falls into.
+    """
+    n = z.shape[0]
+    trials = 2 + int(math.log(k))
+    first = int(torch.randint(n, (1,), generator=generator))
+    centres = z[first : first + 1]
+    closest = squared_distances(z, centres).squeeze(1)
+    for _ in range(1, k):
+        total = float(closest.sum())
+        probs = closest / total if total > 0 else torch.full_like(closest, 1.0 / n)
+        cand = torch.multinomial(probs.cpu(), trials, replacement=True, generator=generator).to(z.device)
+        pot = torch.minimum(closest[None, :], squared_distances(z[cand], z))  # [trials, n]
+        best = int(pot.sum(1).argmin())
+        centres = torch.cat([centres, z[cand[best]][None, :]])
+        closest = pot[best]
+    labels = squared_distances(z, centres).argmin(1)
+    for _ in range(iters):
+        counts = torch.bincount(labels, minlength=k).to(z.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, labels, z)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
+        new = squared_distances(z, centres).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels, centres
+
+
+@torch.no_grad()
+def silhouette(z: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean silhouette coefficient (Euclidean), as ``sklearn.metrics.silhouette_score``."""
+    k = int(labels.max()) + 1
+    d = torch.cdist(z, z)
+    onehot = torch.nn.functional.one_hot(labels, k).to(z.dtype)
+    sums = d @ onehot  # [n, k] total distance to each cluster
+    counts = onehot.sum(0)
+    own = counts[labels]
+    a = sums.gather(1, labels[:, None]).squeeze(1) / (own - 1).clamp_min(1)
+    mean_other = sums / counts.clamp_min(1)[None, :]
+    mean_other.scatter_(1, labels[:, None], float("inf"))
+    mean_other[:, counts == 0] = float("inf")
+    b = mean_other.min(1).values
+    s = (b - a) / torch.maximum(a, b).clamp_min(1e-12)
+    s = torch.where(own > 1, s, torch.zeros_like(s))  # sklearn: 0 for singletons
+    return float(s.mean())
