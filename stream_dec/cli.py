@@ -38,7 +38,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TypeError as exc:
         raise ValueError(f"unknown hyper-parameter in --param: {exc}") from None
     model.fit(X)
-    path = model.save(Path(args.checkpoint_dir) / "", keep=args.keep)
+    ckpt_dir = Path(args.checkpoint_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = model.save(ckpt_dir, keep=args.keep)
     print(json.dumps({"checkpoint": str(path), "fit_seconds": round(model.fit_seconds_, 2), **model.summary()}, indent=2))
     return 0
 

@@ -47,6 +47,8 @@ from stream_dec.online.reservoir import Reservoir
 
 FORMAT_VERSION = 1
 _PREDICT_CHUNK = 65536
+# Fitted tensors that, with the autoencoder, reservoir and buffer, make up the model.
+_TENSOR_STATE = ("mean_", "centres_", "memory_", "spawned_", "radius_", "freq_", "fisher_", "ewc_anchor_")
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -514,7 +516,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             "autoencoder": {k: cpu(v) for k, v in self.autoencoder_.state_dict().items()},
             "tensors": {
                 name: cpu(getattr(self, name))
-                for name in ("mean_", "centres_", "memory_", "spawned_", "radius_", "freq_", "fisher_", "ewc_anchor_")
+                for name in _TENSOR_STATE
             },
             "cluster_ids": torch.from_numpy(self.cluster_ids_.copy()),
             "scalars": {
@@ -529,13 +531,14 @@ class StreamDEC(ClusterMixin, BaseEstimator):
     def save(self, path: str | Path, *, extra: dict | None = None, keep: int = 3) -> Path:
         """Write a checkpoint atomically; returns the file written.
 
-        ``path`` may be a file, or a directory (existing, or given with a trailing
-        slash) in which ``ckpt-<version>.sdec`` is written and the newest ``keep`` kept.
+        ``path`` is a directory when it exists as one or has no file suffix: then
+        ``ckpt-<version>.sdec`` is written in it and the newest ``keep`` are kept.
+        Otherwise (e.g. ``model.sdec``) it is the file to write.
         ``extra`` is stored verbatim (plain data only), e.g. consumer offsets.
         """
         state = self._state(extra)
         p = Path(path)
-        if p.is_dir() or str(path).endswith(("/", "\\")):
+        if p.is_dir() or not p.suffix:
             return ckpt.save_to_directory(p, state, seq=self.version_, keep=keep)
         return ckpt.write_atomic(p, state)
 
@@ -549,7 +552,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         state, source = ckpt.load_any(path)
         try:
             return cls._from_state(state, device, source)
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ckpt.CheckpointError(f"{source} is incomplete or inconsistent: {exc}") from None
 
     @classmethod
@@ -570,8 +573,11 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             p.requires_grad_(False)
         m.autoencoder_ = ae
         m.device_ = dev
-        for name, t in state["tensors"].items():
-            setattr(m, name, t.to(dev))
+        missing = set(_TENSOR_STATE) - set(state["tensors"])
+        if missing:
+            raise ValueError(f"missing tensors {sorted(missing)}")
+        for name in _TENSOR_STATE:
+            setattr(m, name, state["tensors"][name].to(dev))
         for name, v in sc.items():
             setattr(m, name, v)
         m.cluster_ids_ = state["cluster_ids"].numpy().astype(np.int64)
