@@ -153,6 +153,22 @@ def stream_dec_methods(params: dict[str, Any], variants: list[tuple[str, dict[st
     return out
 
 
+def limit_threads(n: int) -> None:
+    """Pin BLAS / OpenMP / torch to ``n`` threads so update times are comparable and stable.
+
+    On small VMs, spinning OpenMP and BLAS pools made sklearn fits up to 10x slower and
+    erratic from one call to the next; the environment variables cover libraries that
+    load later (e.g. torch imported lazily inside a model).
+    """
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
 def load_set(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     """X as float32 and y of one shared data set."""
     with np.load(data_dir / f"{name}.npz") as d:
@@ -230,6 +246,7 @@ def run_metadata(args: argparse.Namespace, params: dict[str, Any], variants: lis
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "threads": args.threads,
         "T": args.T,
         "drift_f": args.drift_f,
         "stream_dec_params": params,
@@ -278,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--T", type=int, default=20, help="number of stream micro-batches")
+    p.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP/torch threads; 0 = library defaults")
     p.add_argument("--drift-f", type=float, default=DRIFT_F, help="share of Delta travelled toward the neighbour")
     return p
 
@@ -299,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     if STREAM_DEC in args.methods or variants:
         sd = stream_dec_methods(params, variants)
         methods.update({k: v for k, v in sd.items() if k != STREAM_DEC or STREAM_DEC in args.methods})
+    if args.threads > 0:
+        limit_threads(args.threads)
     scenarios = [CI, GD] if args.scenario == "both" else [args.scenario]
     runners = {CI: partial(run_class_incremental, T=args.T), GD: partial(run_gradual_drift, T=args.T, f=args.drift_f)}
 

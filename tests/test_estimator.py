@@ -113,7 +113,7 @@ def _drift_into_neighbour(model: StreamDEC, blobs) -> tuple[list, float]:
 
 def test_churn_guard_bounds_relabelling(fitted, blobs, tmp_path):
     loose = dict(online_lr=0.5, online_steps=20, ewc_lambda=0.0, distill_weight=0.0)
-    unguarded = _clone(fitted, tmp_path).set_params(max_churn=1.0, **loose)
+    unguarded = _clone(fitted, tmp_path).set_params(max_churn=1.0, max_total_churn=1.0, **loose)
     reports, total = _drift_into_neighbour(unguarded, blobs)
     assert max(r.churn for r in reports) > 0.02 and total > 0.02
 

@@ -48,7 +48,7 @@ from stream_dec.online.reservoir import Reservoir
 FORMAT_VERSION = 1
 _PREDICT_CHUNK = 65536
 # Fitted tensors that, with the autoencoder, reservoir and buffer, make up the model.
-_TENSOR_STATE = ("mean_", "centres_", "memory_", "spawned_", "radius_", "freq_", "fisher_", "ewc_anchor_")
+_TENSOR_STATE = ("mean_", "centres_", "memory_", "spawned_", "gate_", "radius_", "freq_", "fisher_", "ewc_anchor_")
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -86,10 +86,14 @@ class StreamDEC(ClusterMixin, BaseEstimator):
     novelty_quantile : an item is unexplained when it lies beyond this quantile of its
         nearest cluster's squared distances.
     min_support : items a new cluster needs (None: derived from the fitted cluster sizes).
-    margin : a spawned cluster takes an item only when it is this much closer (relative)
-        than the best original cluster.
+    margin : a spawned cluster takes an item only when it is at least this much closer
+        (relative distance) than the best older cluster.
+    new_cluster_churn : share of remembered items a new cluster may take at birth; its
+        gate (how much closer it must be) is calibrated on the reservoir to that share.
     max_clusters : hard cap on the cluster count (None: 2 x n_clusters).
     max_churn : largest share of the reservoir one update may relabel.
+    max_total_churn : largest share of the reservoir whose id may differ from the id it
+        was first given; an update may not push the share past it.
     buffer_size, buffer_ttl : novelty buffer bounds (items, batches).
     device : "auto" (CUDA when available), "cpu", "cuda", ...
     random_state : seed; the same seed and inputs give the same model and outputs.
@@ -124,7 +128,9 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         min_support: int | None = None,
         margin: float = 0.1,
         max_clusters: int | None = None,
+        new_cluster_churn: float = 0.001,
         max_churn: float = 0.005,
+        max_total_churn: float = 0.01,
         buffer_size: int = 4096,
         buffer_ttl: int = 10,
         device: str = "auto",
@@ -156,7 +162,9 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.min_support = min_support
         self.margin = margin
         self.max_clusters = max_clusters
+        self.new_cluster_churn = new_cluster_churn
         self.max_churn = max_churn
+        self.max_total_churn = max_total_churn
         self.buffer_size = buffer_size
         self.buffer_ttl = buffer_ttl
         self.device = device
@@ -183,7 +191,9 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         need(self.max_update_ms > 0, f"max_update_ms must be > 0, got {self.max_update_ms!r}")
         need(0 < self.novelty_quantile < 1, f"novelty_quantile must be in (0, 1), got {self.novelty_quantile!r}")
         need(0 <= self.max_churn <= 1, f"max_churn must be in [0, 1], got {self.max_churn!r}")
+        need(0 <= self.max_total_churn <= 1, f"max_total_churn must be in [0, 1], got {self.max_total_churn!r}")
         need(self.margin >= 0, f"margin must be >= 0, got {self.margin!r}")
+        need(0 <= self.new_cluster_churn < 1, f"new_cluster_churn must be in [0, 1), got {self.new_cluster_churn!r}")
         need(0 <= self.fisher_decay <= 1 and 0 <= self.freq_decay < 1, "fisher_decay must be in [0, 1] and freq_decay in [0, 1)")
         need(self.reservoir_size >= 1 and self.buffer_size >= 1 and self.buffer_ttl >= 1, "reservoir_size, buffer_size and buffer_ttl must be >= 1")
         need(self.min_support is None or self.min_support >= 2, f"min_support must be None or >= 2, got {self.min_support!r}")
@@ -208,8 +218,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         k = self.centres_.shape[0]
         both = squared_distances(z, torch.cat([self.centres_, self.memory_]))
         d = torch.minimum(both[:, :k], both[:, k:])
-        gate = torch.where(self.spawned_, (1.0 + self.margin) ** 2, 1.0)
-        return d, d * gate[None, :]
+        return d, d * self.gate_[None, :]
 
     @torch.no_grad()
     def _assign(self, z: torch.Tensor) -> torch.Tensor:
@@ -277,6 +286,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.centres_ = centres
         self.memory_ = centres.clone()
         self.spawned_ = torch.zeros(k, dtype=torch.bool, device=dev)
+        self.gate_ = torch.ones(k, device=dev)
         self.cluster_ids_ = np.arange(k, dtype=np.int64)
         self.next_id_ = k
         self.version_ = 0
@@ -308,7 +318,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.ewc_anchor_ = centres.clone()
         rng = np.random.default_rng([self.seed_, 0])
         self.reservoir_ = Reservoir(self.reservoir_size, z.shape[1])
-        self.reservoir_.add(z[torch.from_numpy(rng.permutation(z.shape[0])).to(dev)].cpu().numpy(), rng)
+        order = torch.from_numpy(rng.permutation(z.shape[0])).to(dev)
+        self.reservoir_.add(z[order].cpu().numpy(), self.cluster_ids_[lab[order].cpu().numpy()], rng)
         self.buffer_ = NoveltyBuffer(self.buffer_size, z.shape[1], self.buffer_ttl)
         self.n_seen_ = int(z.shape[0])
 
@@ -357,6 +368,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         z_in, z_out = z[explained], z[~explained]
 
         res = torch.from_numpy(self.reservoir_.data).to(dev)
+        published = torch.from_numpy(self.reservoir_.ids).to(dev)
         before = self._reservoir_assignment(res)
         old_centres = self.centres_.clone()
         k_old = self.centres_.shape[0]
@@ -364,12 +376,22 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         steps, exhausted = self._centre_steps(z_in, res, rng, deadline)
 
         self.buffer_.add(z_out.cpu().numpy(), version)
-        spawned = self._maybe_spawn(rng)
+        spawned = self._maybe_spawn(rng, res)
 
-        after = self._assign(res)
-        churn = float((before != after).float().mean()) if len(res) else 0.0
+        # Churn guard: bound both this update's relabelling of remembered items and
+        # the share relabelled since they were first labelled (the budget may not be
+        # exceeded by this update; it only binds once reached).
+        ids_t = torch.from_numpy(self.cluster_ids_).to(dev)
+        total_before = float((ids_t[before] != published).float().mean()) if len(res) else 0.0
+        allowed_total = max(total_before, self.max_total_churn)
         action = "none"
-        while churn > self.max_churn:
+        while True:
+            after = self._assign(res)
+            ids_t = torch.from_numpy(self.cluster_ids_).to(dev)
+            churn = float((before != after).float().mean()) if len(res) else 0.0
+            total = float((ids_t[after] != published).float().mean()) if len(res) else 0.0
+            if churn <= self.max_churn and total <= allowed_total:
+                break
             new_taken = after >= k_old
             if spawned and bool(new_taken.any()):
                 # Drop the new cluster that relabels most remembered items.
@@ -386,8 +408,6 @@ class StreamDEC(ClusterMixin, BaseEstimator):
                     action = "shrunk"
             else:
                 break
-            after = self._assign(res)
-            churn = float((before != after).float().mean())
 
         if spawned:
             self.buffer_.remove(np.concatenate(spawned))
@@ -399,7 +419,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
                 self.freq_ = self.freq_decay * freq + (1 - self.freq_decay) * q.mean(0)
                 fisher = torch.cat([self.fisher_, torch.zeros(len(new_ids), self.fisher_.shape[1], device=dev)])
                 self.fisher_ = self.fisher_decay * fisher + fisher_diagonal(z_in, self.centres_, self.alpha)
-                slots = torch.from_numpy(self.reservoir_.add(z_in.cpu().numpy(), rng)).to(dev)
+                ids_in = self.cluster_ids_[nearest[explained].cpu().numpy()]  # what was published for them
+                slots = torch.from_numpy(self.reservoir_.add(z_in.cpu().numpy(), ids_in, rng)).to(dev)
                 res = torch.from_numpy(self.reservoir_.data).to(dev)
                 after = torch.cat([after, after.new_zeros(len(res) - len(after))])
                 after[slots] = self._assign(res[slots])
@@ -465,8 +486,13 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.centres_ = mu.detach()
         return steps, exhausted
 
-    def _maybe_spawn(self, rng: np.random.Generator) -> list[np.ndarray]:
-        """Turn dense persistent groups of the novelty buffer into new clusters."""
+    def _maybe_spawn(self, rng: np.random.Generator, res: torch.Tensor) -> list[np.ndarray]:
+        """Turn dense persistent groups of the novelty buffer into new clusters.
+
+        Each new cluster gets its own predict-time gate: the factor by which its squared
+        distance is inflated, calibrated on the reservoir so that it would take at most
+        ``new_cluster_churn`` of the remembered items (and never below ``(1+margin)²``).
+        """
         room = self.max_clusters_ - self.n_clusters_
         buf = self.buffer_
         # Back off after a fruitless attempt: wait until the buffer has grown by half.
@@ -482,8 +508,14 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         buf.added_since_try = 0
         members = []
         dev = self.centres_.device
+        d_old = self._distances(res)[1].min(1).values if len(res) else None
         for c in cands[:room]:
             centre = torch.from_numpy(c.centre).to(dev)[None, :]
+            gate = (1.0 + self.margin) ** 2
+            if d_old is not None:
+                ratio = d_old / squared_distances(res, centre).squeeze(1).clamp_min(1e-12)
+                gate = max(gate, float(torch.quantile(ratio, 1.0 - self.new_cluster_churn)))
+            self.gate_ = torch.cat([self.gate_, torch.tensor([gate], device=dev)])
             self.centres_ = torch.cat([self.centres_, centre])
             self.memory_ = torch.cat([self.memory_, centre.clone()])
             self.ewc_anchor_ = torch.cat([self.ewc_anchor_, centre.clone()])
@@ -501,7 +533,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         """Undo a spawn made in this update (its id was never published, so it is not reused)."""
         keep = torch.ones(self.centres_.shape[0], dtype=torch.bool, device=self.centres_.device)
         keep[j] = False
-        for name in ("centres_", "memory_", "ewc_anchor_", "spawned_", "radius_"):
+        for name in ("centres_", "memory_", "ewc_anchor_", "spawned_", "gate_", "radius_"):
             setattr(self, name, getattr(self, name)[keep])
         self.cluster_ids_ = np.delete(self.cluster_ids_, j)
 

@@ -1,7 +1,7 @@
-"""A fixed-size uniform sample of past latents (Vitter's algorithm R).
+"""A fixed-size uniform sample of past latents and the ids they were given (algorithm R).
 
 It is the model's memory of what it has labelled: the churn guard measures how many
-of these items an update would relabel.
+of these items an update would relabel, per update and since they were labelled.
 """
 
 from __future__ import annotations
@@ -15,26 +15,29 @@ class Reservoir:
     def __init__(self, capacity: int, dim: int):
         self.capacity = int(capacity)
         self.data = np.zeros((0, dim), dtype=np.float32)
+        self.ids = np.zeros(0, dtype=np.int64)  # cluster id each row had when it was labelled
         self.n_seen = 0
 
     def __len__(self) -> int:
         return self.data.shape[0]
 
-    def add(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Offer ``rows``; each row seen so far is kept with probability capacity / n_seen.
+    def add(self, rows: np.ndarray, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Offer ``rows`` with their ids; each row seen so far stays with probability capacity / n_seen.
 
         Returns the slots that were written (appended or replaced), so callers can keep
         per-slot caches in step.
         """
         rows = np.asarray(rows, dtype=np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
         free = self.capacity - len(self)
         written = np.zeros(0, dtype=np.int64)
         if free > 0:
             start = len(self)
             self.data = np.concatenate([self.data, rows[:free]])
+            self.ids = np.concatenate([self.ids, ids[:free]])
             self.n_seen += min(free, rows.shape[0])
             written = np.arange(start, len(self))
-            rows = rows[free:]
+            rows, ids = rows[free:], ids[free:]
         if rows.shape[0] == 0:
             return written
         # For the i-th row overall, draw j in [0, i); it replaces slot j if j < capacity.
@@ -43,12 +46,13 @@ class Reservoir:
         keep = j < self.capacity
         # Later rows overwrite earlier ones in the same slot, as the sequential algorithm would.
         self.data[j[keep]] = rows[keep]
+        self.ids[j[keep]] = ids[keep]
         self.n_seen += rows.shape[0]
         return np.union1d(written, j[keep])
 
     def state(self) -> dict:
         """Plain-data state for checkpoints."""
-        return {"capacity": self.capacity, "data": self.data.copy(), "n_seen": self.n_seen}
+        return {"capacity": self.capacity, "data": self.data.copy(), "ids": self.ids.copy(), "n_seen": self.n_seen}
 
     @classmethod
     def from_state(cls, state: dict) -> "Reservoir":
@@ -56,5 +60,8 @@ class Reservoir:
         data = np.asarray(state["data"], dtype=np.float32)
         r = cls(int(state["capacity"]), data.shape[1])
         r.data = data.copy()
+        r.ids = np.asarray(state["ids"], dtype=np.int64).copy()
         r.n_seen = int(state["n_seen"])
+        if len(r.ids) != len(r.data):
+            raise ValueError("reservoir ids and rows disagree in length")
         return r
