@@ -12,7 +12,12 @@ Example::
 ``--param key=value`` sets StreamDEC keyword arguments (values parsed with
 ``ast.literal_eval``, else kept as strings). ``--variant NAME:key=val,key=val`` adds a
 method ``stream_dec:NAME`` built with ``--param`` overridden by its own settings; variants
-always run, whatever ``--methods`` says.
+always run, whatever ``--methods`` says. Method names: frozen_kmeans, mbk_base (k = base
+classes), mbk_all (k = all classes), refit_kmeans (ceiling), oracle_2proto and
+oracle_1centre (drift only; they see labels), stream_dec.
+
+``--threads`` (default 1) pins BLAS / OpenMP / torch threads: on small VMs, thread pools
+made sklearn fits erratic and up to 10x slower, which would distort the update times.
 """
 
 from __future__ import annotations
@@ -216,9 +221,11 @@ def format_table(scenario: str, results: dict[str, dict[str, dict[str, Any]]]) -
             seeds = f"{m['n_seeds']}" + (f"(+{m['n_failed']} failed)" if m["n_failed"] else "")
             rows.append([set_name, name, seeds, *[_fmt(m.get(key), spec) for _, key, spec in cols]])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(  # noqa: E731
-        str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-    )
+
+    def line(cells: list[Any]) -> str:
+        # Text columns (set, method) left-aligned, numbers right-aligned.
+        return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([f"== {scenario} (means over seeds) ==", line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -279,6 +286,29 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def run_one(
+    runner: Callable[..., dict[str, Any]],
+    method: Method,
+    n_classes: int,
+    X: np.ndarray,
+    y: np.ndarray,
+    seed: int,
+    label: str,
+    t_start: float,
+) -> dict[str, Any]:
+    """One method on one set and seed: its result (or error) plus a progress line on stderr."""
+    t0 = time.perf_counter()
+    try:
+        r = runner(lambda k, s: method.build(k, s, n_classes), X, y, seed)
+    except Exception as exc:  # one broken method must not lose the others' results
+        traceback.print_exc(file=sys.stderr)
+        r = {"error": repr(exc)}
+    elapsed = time.perf_counter() - t0
+    status = "FAILED" if "error" in r else "ok"
+    print(f"[{time.perf_counter() - t_start:7.1f}s] {label}: {elapsed:.1f}s {status}", file=sys.stderr, flush=True)
+    return {"seed": seed, **r, "elapsed_s": elapsed}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line interface."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -334,22 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 per_method: dict[str, dict[str, Any]] = {}
                 for name in names:
-                    make = lambda k, s, b=methods[name].build: b(k, s, n_classes)  # noqa: E731
-                    t0 = time.perf_counter()
-                    try:
-                        r = runners[sc](make, X, y, seed)
-                    except Exception as exc:  # one broken method must not lose the others' results
-                        traceback.print_exc(file=sys.stderr)
-                        r = {"error": repr(exc)}
-                    elapsed = time.perf_counter() - t0
-                    per_method[name] = {"seed": seed, **r, "elapsed_s": elapsed}
-                    status = "FAILED" if "error" in r else "ok"
-                    print(
-                        f"[{time.perf_counter() - t_start:7.1f}s] {sc} {set_name} seed={seed} {name}: "
-                        f"{elapsed:.1f}s {status}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    label = f"{sc} {set_name} seed={seed} {name}"
+                    per_method[name] = run_one(runners[sc], methods[name], n_classes, X, y, seed, label, t_start)
                 add_ratios(sc, per_method)
                 for name, r in per_method.items():
                     by_method[name]["per_seed"].append(r)

@@ -41,12 +41,13 @@ from stream_dec.model import (
     squared_distances,
     target_distribution,
 )
-from stream_dec.online.novelty import NoveltyBuffer, find_new_clusters
+from stream_dec.online.novelty import NoveltyBuffer, find_new_clusters, propose_anchored, propose_refit
 from stream_dec.online.report import DriftReport
 from stream_dec.online.reservoir import Reservoir
 
 FORMAT_VERSION = 1
 _PREDICT_CHUNK = 65536
+SPAWN_RULES = ("refit", "anchored", "outliers")
 # Fitted tensors that, with the autoencoder, reservoir and buffer, make up the model.
 _TENSOR_STATE = ("mean_", "centres_", "memory_", "spawned_", "gate_", "radius_", "freq_", "fisher_", "ewc_anchor_")
 
@@ -91,10 +92,15 @@ class StreamDEC(ClusterMixin, BaseEstimator):
     new_cluster_churn : share of remembered items a new cluster may take at birth; its
         gate (how much closer it must be) is calibrated on the reservoir to that share.
     max_clusters : hard cap on the cluster count (None: 2 x n_clusters).
+    spawn_rule : how new clusters are proposed: "anchored" (k-means over the recent
+        window with the old centres fixed) or "outliers" (k-means over the items beyond
+        every cluster's radius); see :mod:`stream_dec.online.novelty`.
+    spawn_refine_iters : gated Lloyd iterations that move a proposed centre to the core
+        of what it captures.
     max_churn : largest share of the reservoir one update may relabel.
     max_total_churn : largest share of the reservoir whose id may differ from the id it
         was first given; an update may not push the share past it.
-    buffer_size, buffer_ttl : novelty buffer bounds (items, batches).
+    buffer_size, buffer_ttl : bounds of the window of recent latents (items, batches).
     device : "auto" (CUDA when available), "cpu", "cuda", ...
     random_state : seed; the same seed and inputs give the same model and outputs.
     verbose : print training progress to stderr.
@@ -128,6 +134,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         min_support: int | None = None,
         margin: float = 0.1,
         max_clusters: int | None = None,
+        spawn_rule: str = "anchored",
+        spawn_refine_iters: int = 5,
         new_cluster_churn: float = 0.001,
         max_churn: float = 0.005,
         max_total_churn: float = 0.01,
@@ -162,6 +170,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.min_support = min_support
         self.margin = margin
         self.max_clusters = max_clusters
+        self.spawn_rule = spawn_rule
+        self.spawn_refine_iters = spawn_refine_iters
         self.new_cluster_churn = new_cluster_churn
         self.max_churn = max_churn
         self.max_total_churn = max_total_churn
@@ -192,6 +202,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         need(0 < self.novelty_quantile < 1, f"novelty_quantile must be in (0, 1), got {self.novelty_quantile!r}")
         need(0 <= self.max_churn <= 1, f"max_churn must be in [0, 1], got {self.max_churn!r}")
         need(0 <= self.max_total_churn <= 1, f"max_total_churn must be in [0, 1], got {self.max_total_churn!r}")
+        need(self.spawn_rule in SPAWN_RULES, f"spawn_rule must be one of {SPAWN_RULES}, got {self.spawn_rule!r}")
         need(self.margin >= 0, f"margin must be >= 0, got {self.margin!r}")
         need(0 <= self.new_cluster_churn < 1, f"new_cluster_churn must be in [0, 1), got {self.new_cluster_churn!r}")
         need(0 <= self.fisher_decay <= 1 and 0 <= self.freq_decay < 1, "fisher_decay must be in [0, 1] and freq_decay in [0, 1)")
@@ -365,7 +376,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         d_raw, d_eff = self._distances(z)
         nearest = d_eff.argmin(1)
         explained = d_raw.gather(1, nearest[:, None]).squeeze(1) <= self.radius_[nearest]
-        z_in, z_out = z[explained], z[~explained]
+        z_in = z[explained]
 
         res = torch.from_numpy(self.reservoir_.data).to(dev)
         published = torch.from_numpy(self.reservoir_.ids).to(dev)
@@ -375,7 +386,9 @@ class StreamDEC(ClusterMixin, BaseEstimator):
 
         steps, exhausted = self._centre_steps(z_in, res, rng, deadline)
 
-        self.buffer_.add(z_out.cpu().numpy(), version)
+        settled_z, settled_ids = self.buffer_.add(
+            z.cpu().numpy(), self.cluster_ids_[nearest.cpu().numpy()], (~explained).cpu().numpy(), version
+        )
         spawned = self._maybe_spawn(rng, res)
 
         # Churn guard: bound both this update's relabelling of remembered items and
@@ -410,25 +423,28 @@ class StreamDEC(ClusterMixin, BaseEstimator):
                 break
 
         if spawned:
+            # Rows a new cluster captured are settled too, under their new id.
+            for j, rows in enumerate(spawned):
+                settled_z = np.concatenate([settled_z, self.buffer_.z[rows]])
+                settled_ids = np.concatenate([settled_ids, np.full(len(rows), self.cluster_ids_[k_old + j])])
             self.buffer_.remove(np.concatenate(spawned))
-        new_ids = [int(i) for i in self.cluster_ids_[k_old:]]
+        n_new = self.n_clusters_ - k_old
         with torch.no_grad():
+            self.freq_ = torch.cat([self.freq_, torch.full((n_new,), float(self.freq_.mean()), device=dev)])
+            self.fisher_ = torch.cat([self.fisher_, torch.zeros(n_new, self.fisher_.shape[1], device=dev)])
             if z_in.shape[0]:
                 q = soft_assignment(squared_distances(z_in, self.centres_), self.alpha)
-                freq = torch.cat([self.freq_, torch.full((len(new_ids),), float(self.freq_.mean()), device=dev)])
-                self.freq_ = self.freq_decay * freq + (1 - self.freq_decay) * q.mean(0)
-                fisher = torch.cat([self.fisher_, torch.zeros(len(new_ids), self.fisher_.shape[1], device=dev)])
-                self.fisher_ = self.fisher_decay * fisher + fisher_diagonal(z_in, self.centres_, self.alpha)
-                ids_in = self.cluster_ids_[nearest[explained].cpu().numpy()]  # what was published for them
-                slots = torch.from_numpy(self.reservoir_.add(z_in.cpu().numpy(), ids_in, rng)).to(dev)
+                self.freq_ = self.freq_decay * self.freq_ + (1 - self.freq_decay) * q.mean(0)
+                self.fisher_ = self.fisher_decay * self.fisher_ + fisher_diagonal(z_in, self.centres_, self.alpha)
+            self.ewc_anchor_ = self.centres_.clone()
+            if len(settled_z):
+                # Items enter the reservoir once their id is settled: after their stay in the
+                # novelty window, so a class that is still being discovered does not count
+                # as old knowledge that its own new cluster would "steal".
+                slots = torch.from_numpy(self.reservoir_.add(settled_z, settled_ids, rng)).to(dev)
                 res = torch.from_numpy(self.reservoir_.data).to(dev)
                 after = torch.cat([after, after.new_zeros(len(res) - len(after))])
                 after[slots] = self._assign(res[slots])
-            else:
-                pad = len(new_ids)
-                self.freq_ = torch.cat([self.freq_, torch.full((pad,), float(self.freq_.mean()), device=dev)])
-                self.fisher_ = torch.cat([self.fisher_, torch.zeros(pad, self.fisher_.shape[1], device=dev)])
-            self.ewc_anchor_ = self.centres_.clone()
         self._res_ids = after
         shift = float((self.centres_[:k_old] - old_centres).norm(dim=1).mean() / torch.sqrt(self.radius_[:k_old]).mean())
         self.version_ = version
@@ -441,7 +457,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             churn=churn,
             centre_shift=shift,
             novelty_rate=float((~explained).float().mean()),
-            new_cluster_ids=new_ids,
+            new_cluster_ids=[int(i) for i in self.cluster_ids_[k_old:]],
             n_clusters=self.n_clusters_,
             buffer_size=len(self.buffer_),
             budget_exhausted=exhausted,
@@ -487,47 +503,92 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         return steps, exhausted
 
     def _maybe_spawn(self, rng: np.random.Generator, res: torch.Tensor) -> list[np.ndarray]:
-        """Turn dense persistent groups of the novelty buffer into new clusters.
+        """Turn groups of the recent window that old clusters do not explain into new clusters.
 
-        Each new cluster gets its own predict-time gate: the factor by which its squared
-        distance is inflated, calibrated on the reservoir so that it would take at most
-        ``new_cluster_churn`` of the remembered items (and never below ``(1+margin)²``).
+        Proposals come from ``spawn_rule`` (:mod:`stream_dec.online.novelty`). Each one
+        gets its own predict-time gate (the factor its squared distance is inflated by),
+        calibrated on the reservoir so that it would take at most ``new_cluster_churn``
+        of the remembered items (never below ``(1+margin)²``). It is accepted only if,
+        behind that gate, it still captures ``min_support`` window items from at least
+        two batches, as compactly as the fitted clusters (a duplicate of an old cluster
+        fails: its calibrated gate leaves it nothing). Returns the captured window rows of each new cluster.
         """
         room = self.max_clusters_ - self.n_clusters_
         buf = self.buffer_
-        # Back off after a fruitless attempt: wait until the buffer has grown by half.
-        if room <= 0 or len(buf) < 2 * self.min_support_ or buf.added_since_try < max(self.min_support_, len(buf) // 2):
+        # Try when the window has turned over by a quarter (and at least min_support).
+        if room <= 0 or len(buf) < 2 * self.min_support_ or buf.added_since_try < max(self.min_support_, len(buf) // 4):
             return []
-        protos = torch.cat([self.centres_, self.memory_]).cpu().numpy()
-        radii = torch.cat([self.radius_, self.radius_]).cpu().numpy()
-        cands = find_new_clusters(
-            buf.z, buf.born, existing=protos, existing_radius=radii, min_support=self.min_support_,
-            max_cohesion=self.cohesion_, min_separation=self.separation_, radius_quantile=self.novelty_quantile, max_new=min(room, 8),
-            seed=int(rng.integers(2**31)),
-        )
         buf.added_since_try = 0
-        members = []
         dev = self.centres_.device
-        d_old = self._distances(res)[1].min(1).values if len(res) else None
-        for c in cands[:room]:
-            centre = torch.from_numpy(c.centre).to(dev)[None, :]
-            gate = (1.0 + self.margin) ** 2
-            if d_old is not None:
-                ratio = d_old / squared_distances(res, centre).squeeze(1).clamp_min(1e-12)
-                gate = max(gate, float(torch.quantile(ratio, 1.0 - self.new_cluster_churn)))
-            self.gate_ = torch.cat([self.gate_, torch.tensor([gate], device=dev)])
-            self.centres_ = torch.cat([self.centres_, centre])
-            self.memory_ = torch.cat([self.memory_, centre.clone()])
-            self.ewc_anchor_ = torch.cat([self.ewc_anchor_, centre.clone()])
-            self.spawned_ = torch.cat([self.spawned_, torch.ones(1, dtype=torch.bool, device=dev)])
-            # Spawned groups are the fringe of a class; never let their radius be tighter
-            # than a typical original cluster's.
-            r = max(c.radius, float(torch.quantile(self.radius_[~self.spawned_[:-1]], 0.25)))
-            self.radius_ = torch.cat([self.radius_, torch.tensor([r], device=dev)])
-            self.cluster_ids_ = np.append(self.cluster_ids_, np.int64(self.next_id_))
-            self.next_id_ += 1
-            members.append(c.members)
-        return members
+        zw = torch.from_numpy(buf.z).to(dev)
+        seed = int(rng.integers(2**31))
+        max_new = min(room, 8)
+        if self.spawn_rule == "refit":
+            proposals = propose_refit(zw, self.centres_, max_new=max_new, generator=torch.Generator().manual_seed(seed))
+        elif self.spawn_rule == "anchored":
+            proposals = propose_anchored(
+                zw, self._distances(zw)[1].min(1).values, min_support=self.min_support_, max_new=max_new,
+                generator=torch.Generator().manual_seed(seed), gate=(1.0 + self.margin) ** 2,
+            )
+        else:
+            rows = np.flatnonzero(buf.unexplained)
+            protos = torch.cat([self.centres_, self.memory_]).cpu().numpy()
+            radii = torch.cat([self.radius_, self.radius_]).cpu().numpy()
+            cands = find_new_clusters(
+                buf.z[rows], buf.born[rows], existing=protos, existing_radius=radii, min_support=self.min_support_,
+                max_cohesion=self.cohesion_, min_separation=self.separation_, radius_quantile=self.novelty_quantile,
+                max_new=max_new, seed=seed,
+            )
+            proposals = [torch.from_numpy(c.centre).to(dev) for c in cands]
+        d_res_old = self._distances(res)[1].min(1).values if len(res) else None
+        base_radius = float(torch.quantile(self.radius_[~self.spawned_], 0.25))
+        captured_rows = []
+        for c in proposals:
+            if self.n_clusters_ >= self.max_clusters_:
+                break
+            d_win = self._distances(zw)[1].min(1).values
+            # Gated Lloyd: re-centre on what the cluster captures behind its gate and
+            # re-calibrate the gate; the centre leaves the old clusters' fringe for the
+            # core of the new group, so the gate it needs shrinks.
+            for it in range(self.spawn_refine_iters + 1):
+                gate = self._calibrate_gate(c, res, d_res_old)
+                d_c = squared_distances(zw, c[None, :]).squeeze(1)
+                captured = d_c * gate < d_win
+                if int(captured.sum()) < 3 or it == self.spawn_refine_iters:
+                    break
+                c_next = zw[captured].mean(0)
+                if torch.allclose(c_next, c):
+                    break
+                c = c_next
+            n_cap = int(captured.sum())
+            if n_cap < self.min_support_ or np.unique(buf.born[captured.cpu().numpy()]).size < 2:
+                continue  # support and persistence
+            if float(d_c[captured].mean()) > self.cohesion_:
+                continue  # cohesion
+            self._add_cluster(c, gate, max(float(torch.quantile(d_c[captured], self.novelty_quantile)), base_radius))
+            captured_rows.append(np.flatnonzero(captured.cpu().numpy()))
+        return captured_rows
+
+    def _calibrate_gate(self, c: torch.Tensor, res: torch.Tensor, d_res_old: torch.Tensor | None) -> float:
+        """Smallest gate at which centre ``c`` takes at most ``new_cluster_churn`` of the reservoir."""
+        gate = (1.0 + self.margin) ** 2
+        if d_res_old is not None:
+            ratio = d_res_old / squared_distances(res, c[None, :]).squeeze(1).clamp_min(1e-12)
+            gate = max(gate, float(torch.quantile(ratio, 1.0 - self.new_cluster_churn)))
+        return gate
+
+    def _add_cluster(self, centre: torch.Tensor, gate: float, radius: float) -> None:
+        """Append a cluster with a fresh id (ids are never reused)."""
+        dev = self.centres_.device
+        c = centre.reshape(1, -1).to(dev)
+        self.centres_ = torch.cat([self.centres_, c])
+        self.memory_ = torch.cat([self.memory_, c.clone()])
+        self.ewc_anchor_ = torch.cat([self.ewc_anchor_, c.clone()])
+        self.spawned_ = torch.cat([self.spawned_, torch.ones(1, dtype=torch.bool, device=dev)])
+        self.gate_ = torch.cat([self.gate_, torch.tensor([gate], device=dev)])
+        self.radius_ = torch.cat([self.radius_, torch.tensor([radius], device=dev)])
+        self.cluster_ids_ = np.append(self.cluster_ids_, np.int64(self.next_id_))
+        self.next_id_ += 1
 
     def _drop_cluster(self, j: int) -> None:
         """Undo a spawn made in this update (its id was never published, so it is not reused)."""

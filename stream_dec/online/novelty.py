@@ -1,11 +1,20 @@
-"""Buffered novelty detection: new clusters are made from evidence, not from outliers.
+"""Novelty detection from a window of recent latents: new clusters need evidence.
 
-Items that no existing cluster explains wait in a bounded buffer. A new cluster is
-only created when a group in the buffer is (a) big enough (minimum support), (b) as
-compact as the clusters the model already has (cohesion, relative to the data), (c)
-persistent (its members arrived in at least two different batches) and (d) not just
-the fringe of an existing cluster. Everything is relative to statistics of the data
-the model has seen, never an absolute distance.
+Two proposal rules (``StreamDEC(spawn_rule=...)``), both checked by the estimator's
+acceptance tests afterwards (gate calibrated on remembered items, minimum support,
+persistence over batches, cohesion):
+
+* ``"anchored"`` (default): k-means over the whole recent window with the existing
+  centres held fixed; new centres are added one at a time where the old ones leave the
+  most mass unexplained. In high dimension a novel class mostly lies *inside* the
+  radius of some old cluster (distances concentrate), so a per-item outlier test sees
+  only its fringe; the anchored extension sees the whole group.
+* ``"outliers"``: the classic recipe: k-means with k chosen by silhouette over the
+  items that lie beyond every cluster's radius, kept when compact, persistent and
+  outside existing radii.
+
+Everything is relative to statistics of the data the model has seen, never an
+absolute distance.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stream_dec.model.dec import squared_distances
 from stream_dec.model.kmeans import kmeans_pp, silhouette
 
 
@@ -28,50 +38,156 @@ class SpawnCandidate:
 
 
 class NoveltyBuffer:
-    """Bounded FIFO of unexplained latents with the batch (model version) they came in."""
+    """Bounded FIFO of recent latents, the id each was published with, the batch (model
+    version) it came in and whether an existing cluster's radius explained it.
+
+    Rows leave by age (``ttl`` batches), by capacity, or by becoming a new cluster;
+    the estimator moves rows that leave by age or capacity into its reservoir: only
+    then is their id settled.
+    """
+
+    _FIELDS = ("z", "ids", "born", "unexplained")
 
     def __init__(self, capacity: int, dim: int, ttl: int):
         self.capacity = int(capacity)
         self.ttl = int(ttl)
         self.z = np.zeros((0, dim), dtype=np.float32)
+        self.ids = np.zeros(0, dtype=np.int64)
         self.born = np.zeros(0, dtype=np.int64)
+        self.unexplained = np.zeros(0, dtype=bool)
         self.added_since_try = 0
 
     def __len__(self) -> int:
         return self.z.shape[0]
 
-    def add(self, z: np.ndarray, version: int) -> None:
-        """Append rows; drop the oldest beyond capacity and everything older than ``ttl`` batches."""
+    def _keep(self, mask: np.ndarray) -> None:
+        for f in self._FIELDS:
+            setattr(self, f, getattr(self, f)[mask])
+
+    def add(self, z: np.ndarray, ids: np.ndarray, unexplained: np.ndarray, version: int) -> tuple[np.ndarray, np.ndarray]:
+        """Append rows; return ``(z, ids)`` of the rows that age out (``ttl``) or overflow."""
         self.z = np.concatenate([self.z, z.astype(np.float32)])
+        self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
         self.born = np.concatenate([self.born, np.full(z.shape[0], version, dtype=np.int64)])
+        self.unexplained = np.concatenate([self.unexplained, np.asarray(unexplained, dtype=bool)])
         self.added_since_try += z.shape[0]
-        idx = np.flatnonzero(self.born > version - self.ttl)[-self.capacity :]
-        self.z, self.born = self.z[idx], self.born[idx]
+        keep = np.zeros(len(self), dtype=bool)
+        keep[np.flatnonzero(self.born > version - self.ttl)[-self.capacity :]] = True
+        out = (self.z[~keep], self.ids[~keep])
+        self._keep(keep)
+        return out
 
     def remove(self, rows: np.ndarray) -> None:
         """Forget the given rows (they became a cluster)."""
         keep = np.ones(len(self), dtype=bool)
         keep[rows] = False
-        self.z, self.born = self.z[keep], self.born[keep]
+        self._keep(keep)
 
     def state(self) -> dict:
         """Plain-data state for checkpoints."""
-        return {
-            "capacity": self.capacity,
-            "ttl": self.ttl,
-            "z": self.z.copy(),
-            "born": self.born.copy(),
-            "added_since_try": self.added_since_try,
-        }
+        return {"capacity": self.capacity, "ttl": self.ttl, "added_since_try": self.added_since_try,
+                **{f: getattr(self, f).copy() for f in self._FIELDS}}
 
     @classmethod
     def from_state(cls, state: dict) -> "NoveltyBuffer":
         """Rebuild from :meth:`state`."""
         z = np.asarray(state["z"], dtype=np.float32)
         b = cls(int(state["capacity"]), z.shape[1], int(state["ttl"]))
-        b.z, b.born = z.copy(), np.asarray(state["born"], dtype=np.int64).copy()
+        b.z = z.copy()
+        b.ids = np.asarray(state["ids"], dtype=np.int64).copy()
+        b.born = np.asarray(state["born"], dtype=np.int64).copy()
+        b.unexplained = np.asarray(state["unexplained"], dtype=bool).copy()
         b.added_since_try = int(state["added_since_try"])
+        if not len(b.ids) == len(b.born) == len(b.unexplained) == len(b.z):
+            raise ValueError("novelty buffer arrays disagree in length")
         return b
+
+
+@torch.no_grad()
+def propose_refit(
+    z: torch.Tensor,
+    old_centres: torch.Tensor,
+    *,
+    max_new: int,
+    generator: torch.Generator,
+    trials: int = 8,
+    iters: int = 20,
+) -> list[torch.Tensor]:
+    """New centres from a k-means refit of the window seeded with the old centres.
+
+    The old centres start where they are; ``max_new`` more are seeded greedily where
+    the old ones leave the most squared distance (D² sampling, best of ``trials``).
+    Lloyd then moves all of them; the centres that started new and still own items are
+    the proposals. Seeding with the old centres keeps them on their clusters, so the
+    new ones settle on the groups the old model does not cover.
+    """
+    k_old = old_centres.shape[0]
+    centres = old_centres.clone()
+    cur = squared_distances(z, centres).min(1).values
+    for _ in range(max_new):
+        total = float(cur.sum())
+        if total <= 0:
+            break
+        idx = torch.multinomial((cur / total).cpu(), trials, replacement=True, generator=generator).to(z.device)
+        pot = torch.minimum(cur[None, :], squared_distances(z[idx], z))
+        best = int(pot.sum(1).argmin())
+        centres = torch.cat([centres, z[idx[best]][None, :]])
+        cur = pot[best]
+    labels = squared_distances(z, centres).argmin(1)
+    for _ in range(iters):
+        counts = torch.bincount(labels, minlength=centres.shape[0]).to(z.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, labels, z)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
+        new = squared_distances(z, centres).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    owned = torch.bincount(labels, minlength=centres.shape[0])
+    return [centres[j] for j in range(k_old, centres.shape[0]) if int(owned[j]) > 0]
+
+
+@torch.no_grad()
+def propose_anchored(
+    z: torch.Tensor,
+    d_old: torch.Tensor,
+    *,
+    min_support: int,
+    max_new: int,
+    generator: torch.Generator,
+    gate: float = 1.0,
+    candidates: int = 64,
+    iters: int = 10,
+) -> list[torch.Tensor]:
+    """New centres for window latents ``z`` with the old clusters held fixed.
+
+    ``d_old`` [n] is each item's (gated) squared distance to its best existing cluster.
+    A new centre at ``c`` owns the items with ``gate · d(z, c) < d_old``. Centres are
+    added greedily: the best of ``candidates`` window items by owned gain
+    Σ (d_old - gate · d)₊ (an outlier gains only itself, a dense group gains a lot),
+    then gated Lloyd steps move it to the mean of what it owns. Stops when the best
+    centre would own fewer than ``min_support`` items.
+    """
+    n = z.shape[0]
+    cur = d_old.clone()
+    out: list[torch.Tensor] = []
+    for _ in range(max_new):
+        idx = torch.randperm(n, generator=generator)[: min(n, candidates)].to(z.device)
+        gains = (cur[None, :] - gate * squared_distances(z[idx], z)).clamp_min(0).sum(1)
+        c = z[idx[int(gains.argmax())]]
+        for _ in range(iters):
+            owned = gate * squared_distances(z, c[None, :]).squeeze(1) < cur
+            if int(owned.sum()) < min_support:
+                break
+            c_new = z[owned].mean(0)
+            if torch.allclose(c_new, c):
+                break
+            c = c_new
+        d_c = gate * squared_distances(z, c[None, :]).squeeze(1)
+        if int((d_c < cur).sum()) < min_support:
+            break
+        out.append(c)
+        cur = torch.minimum(cur, d_c)
+    return out
 
 
 def find_new_clusters(
