@@ -97,30 +97,42 @@ def test_step_and_time_budgets_bound_the_update(fitted, blobs, tmp_path):
     assert r.update_ms < 30.0 + 250.0  # the budget is checked between steps
 
 
-def _drift_into_neighbour(model: StreamDEC, blobs) -> tuple[list, float]:
-    """Cluster 0's items walk into cluster 1; the current prototype of id 0 follows them."""
+def test_moving_prototypes_do_not_take_remembered_items(fitted, blobs, tmp_path):
+    """Cluster 0's items walk into cluster 1; id 0's current prototype follows them,
+    but its gate keeps it from relabelling cluster 1's old items."""
+    m = _clone(fitted, tmp_path).set_params(online_lr=0.5, online_steps=20, ewc_lambda=0.0, distill_weight=0.0)
     X, y = blobs["X"], blobs["y"]
-    ids = model.predict(X)
-    src, dst = np.bincount(ids[y == 0]).argmax(), np.bincount(ids[y == 1]).argmax()
-    c_src, c_dst = X[ids == src].mean(0), X[ids == dst].mean(0)
-    ref_ids = model.predict(X)
-    reports = []
+    ref_ids = m.predict(X)
+    src, dst = np.bincount(ref_ids[y == 0]).argmax(), np.bincount(ref_ids[y == 1]).argmax()
+    c_src, c_dst = X[ref_ids == src].mean(0), X[ref_ids == dst].mean(0)
+    centre0 = m.centres_[src].clone()
     for t in range(1, 16):
-        batch = X[ids == src][:150] + (t / 15) * (c_dst - c_src)
-        reports.append(model.partial_fit(batch))
-    return reports, float(np.mean(model.predict(X) != ref_ids))
+        m.partial_fit(X[ref_ids == src][:150] + (t / 15) * 0.6 * (c_dst - c_src))
+    assert (m.centres_[src] - centre0).norm() > 1e-3  # it did move
+    assert m.gate_cur_[src] >= 1.0
+    assert np.mean(m.predict(X) != ref_ids) <= 0.01
 
 
-def test_churn_guard_bounds_relabelling(fitted, blobs, tmp_path):
-    loose = dict(online_lr=0.5, online_steps=20, ewc_lambda=0.0, distill_weight=0.0)
-    unguarded = _clone(fitted, tmp_path).set_params(max_churn=1.0, max_total_churn=1.0, **loose)
-    reports, total = _drift_into_neighbour(unguarded, blobs)
-    assert max(r.churn for r in reports) > 0.02 and total > 0.02
-
-    guarded = _clone(fitted, tmp_path).set_params(max_churn=0.002, **loose)
-    reports, total = _drift_into_neighbour(guarded, blobs)
+def test_churn_guard_drops_a_new_cluster_that_relabels_old_items(blobs):
+    """A new group right next to an old one; a permissive spawn gate would let the new
+    cluster take many old items. The guard must drop it; without the guard it stays."""
+    rng = np.random.default_rng(11)
+    X_old, y_old = blobs["X"], blobs["y"]
+    anchor = X_old[y_old == 2].mean(0)
+    direction = rng.standard_normal(anchor.shape).astype(np.float32)
+    near = anchor + 1.2 * direction / np.linalg.norm(direction) + 0.5 * rng.standard_normal((400, anchor.shape[0])).astype(np.float32)
+    loose = dict(new_cluster_churn=0.5, margin=0.0, random_state=0, **FAST)
+    outcomes = {}
+    for name, guard in (("guarded", dict(max_churn=0.002)), ("unguarded", dict(max_churn=1.0, max_total_churn=1.0))):
+        m = StreamDEC(n_clusters=5, **loose, **guard).fit(X_old)
+        ref_ids = m.predict(X_old)
+        reports = [m.partial_fit(np.concatenate([X_old[t * 60 : t * 60 + 60], near[t * 40 : t * 40 + 40]])) for t in range(10)]
+        outcomes[name] = (reports, np.mean(m.predict(X_old) != ref_ids))
+    reports, total = outcomes["unguarded"]
+    assert total > 0.02 and any(r.new_cluster_ids for r in reports)
+    reports, total = outcomes["guarded"]
     assert all(r.churn <= 0.002 for r in reports)
-    assert {r.guard_action for r in reports} & {"shrunk", "rolled_back"}
+    assert any(r.guard_action == "dropped_new" for r in reports)
     assert total <= 0.01
 
 

@@ -49,7 +49,7 @@ FORMAT_VERSION = 1
 _PREDICT_CHUNK = 65536
 SPAWN_RULES = ("refit", "anchored", "outliers")
 # Fitted tensors that, with the autoencoder, reservoir and buffer, make up the model.
-_TENSOR_STATE = ("mean_", "centres_", "memory_", "spawned_", "gate_", "radius_", "freq_", "fisher_", "ewc_anchor_")
+_TENSOR_STATE = ("mean_", "centres_", "memory_", "spawned_", "gate_", "gate_cur_", "radius_", "freq_", "fisher_", "ewc_anchor_")
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -70,13 +70,17 @@ class StreamDEC(ClusterMixin, BaseEstimator):
     Parameters
     ----------
     n_clusters : clusters made by ``fit``.
-    hidden_dims, latent_dim : autoencoder layout (input dim comes from the data).
+    hidden_dims, latent_dim : autoencoder layout (input dim comes from the data);
+        ``latent_dim=None`` means min(128, input dim). The default is a linear
+        autoencoder into a wide latent: measured on the stream protocol, narrow or
+        DEC-refined latents fold unseen classes onto the fitted ones (docs/experiments.md).
     alpha : degrees of freedom of the Student-t kernel.
     pretrain_epochs, batch_size, pretrain_lr : reconstruction pretraining.
     refine_max_iter, refine_lr, update_interval, tol : DEC refinement; it stops when
         fewer than ``tol`` of the items change cluster between target updates.
     refine_encoder : also train the encoder during refinement (classic DEC) rather than
-        only the centres.
+        only the centres. Off by default: it sharpens the fitted clusters but folds
+        classes the model has not seen onto them.
     n_init : k-means restarts for the centre initialisation.
     online_steps, max_update_ms : the step and wall-clock budget of one ``partial_fit``.
     online_lr : online step size in units of the within-cluster spread.
@@ -110,8 +114,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self,
         n_clusters: int = 10,
         *,
-        hidden_dims: tuple[int, ...] = (256,),
-        latent_dim: int = 32,
+        hidden_dims: tuple[int, ...] = (),
+        latent_dim: int | None = None,
         alpha: float = 1.0,
         pretrain_epochs: int = 30,
         batch_size: int = 256,
@@ -120,7 +124,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         refine_lr: float = 1e-4,
         update_interval: int = 100,
         tol: float = 1e-3,
-        refine_encoder: bool = True,
+        refine_encoder: bool = False,
         n_init: int = 5,
         online_steps: int = 10,
         online_lr: float = 0.02,
@@ -193,7 +197,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
 
         need(isinstance(self.n_clusters, (int, np.integer)) and self.n_clusters >= 1, f"n_clusters must be an int >= 1, got {self.n_clusters!r}")
         need(all(int(h) >= 1 for h in self.hidden_dims), f"hidden_dims must be positive, got {self.hidden_dims!r}")
-        need(int(self.latent_dim) >= 1, f"latent_dim must be >= 1, got {self.latent_dim!r}")
+        need(self.latent_dim is None or int(self.latent_dim) >= 1, f"latent_dim must be None or >= 1, got {self.latent_dim!r}")
         need(self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
         need(self.pretrain_epochs >= 0 and self.refine_max_iter >= 0, "pretrain_epochs and refine_max_iter must be >= 0")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
@@ -225,11 +229,17 @@ class StreamDEC(ClusterMixin, BaseEstimator):
 
     @torch.no_grad()
     def _distances(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw ``[n, K]`` squared distance to the nearer prototype of each id, and the gated one."""
+        """Raw ``[n, K]`` squared distance to the nearer prototype of each id, and the gated one.
+
+        Gates inflate the distance of prototypes that did not exist when remembered items
+        were labelled: ``gate_`` for a spawned cluster's birth prototype, ``gate_cur_``
+        for every current (moving) prototype; an original memory prototype has gate 1.
+        """
         k = self.centres_.shape[0]
         both = squared_distances(z, torch.cat([self.centres_, self.memory_]))
-        d = torch.minimum(both[:, :k], both[:, k:])
-        return d, d * self.gate_[None, :]
+        raw = torch.minimum(both[:, :k], both[:, k:])
+        gated = torch.minimum(both[:, :k] * self.gate_cur_[None, :], both[:, k:] * self.gate_[None, :])
+        return raw, gated
 
     @torch.no_grad()
     def _assign(self, z: torch.Tensor) -> torch.Tensor:
@@ -253,9 +263,10 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         scale = float(torch.sqrt(((Xt - mean) ** 2).mean())) or 1.0
         Xn = (Xt - mean) / scale
         gen = torch.Generator().manual_seed(seed)
+        latent_dim = int(self.latent_dim) if self.latent_dim is not None else min(128, X.shape[1])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            ae = Autoencoder(X.shape[1], self.hidden_dims, self.latent_dim).to(dev)
+            ae = Autoencoder(X.shape[1], self.hidden_dims, latent_dim).to(dev)
         self._say(f"fit: {X.shape[0]} x {X.shape[1]} on {dev}, autoencoder {ae.dims}")
         pretrain_autoencoder(
             ae, Xn, epochs=self.pretrain_epochs, batch_size=self.batch_size, lr=self.pretrain_lr, generator=gen,
@@ -298,6 +309,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.memory_ = centres.clone()
         self.spawned_ = torch.zeros(k, dtype=torch.bool, device=dev)
         self.gate_ = torch.ones(k, device=dev)
+        self.gate_cur_ = torch.ones(k, device=dev)
         self.cluster_ids_ = np.arange(k, dtype=np.int64)
         self.next_id_ = k
         self.version_ = 0
@@ -385,6 +397,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         k_old = self.centres_.shape[0]
 
         steps, exhausted = self._centre_steps(z_in, res, rng, deadline)
+        if steps:
+            self._calibrate_moving_gates(res, before)
 
         settled_z, settled_ids = self.buffer_.add(
             z.cpu().numpy(), self.cluster_ids_[nearest.cpu().numpy()], (~explained).cpu().numpy(), version
@@ -405,20 +419,21 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             total = float((ids_t[after] != published).float().mean()) if len(res) else 0.0
             if churn <= self.max_churn and total <= allowed_total:
                 break
+            # Undo the centre step first (it can be retried next batch), then drop the
+            # new cluster that relabels most remembered items.
             new_taken = after >= k_old
-            if spawned and bool(new_taken.any()):
-                # Drop the new cluster that relabels most remembered items.
-                worst = int(torch.bincount(after[new_taken] - k_old, minlength=len(spawned)).argmax())
-                self._drop_cluster(k_old + worst)
-                spawned.pop(worst)
-                action = "dropped_new"
-            elif not torch.equal(self.centres_[:k_old], old_centres):
+            if not torch.equal(self.centres_[:k_old], old_centres):
                 self.centres_[:k_old] = old_centres + 0.5 * (self.centres_[:k_old] - old_centres)
                 if float((self.centres_[:k_old] - old_centres).norm(dim=1).max()) < 1e-3 * self.latent_scale_:
                     self.centres_[:k_old] = old_centres
                     action = "rolled_back"
                 else:
                     action = "shrunk"
+            elif spawned and bool(new_taken.any()):
+                worst = int(torch.bincount(after[new_taken] - k_old, minlength=len(spawned)).argmax())
+                self._drop_cluster(k_old + worst)
+                spawned.pop(worst)
+                action = "dropped_new"
             else:
                 break
 
@@ -470,6 +485,25 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         if cached is None or len(cached) != len(res):
             cached = self._assign(res)
         return cached
+
+    @torch.no_grad()
+    def _calibrate_moving_gates(self, res: torch.Tensor, assigned: torch.Tensor) -> None:
+        """Set each current prototype's gate so that it takes no remembered item of another id.
+
+        A moving prototype may follow its own items anywhere, but it must not win an
+        item that another id holds: its gate is the largest ratio (the other id's gated
+        distance over the distance to this prototype) over the reservoir items of other ids.
+        """
+        if len(res) == 0:
+            return
+        k = self.centres_.shape[0]
+        both = squared_distances(res, torch.cat([self.centres_, self.memory_]))
+        held = torch.minimum(both[:, :k] * self.gate_cur_[None, :], both[:, k:] * self.gate_[None, :])
+        held = held.gather(1, assigned[:, None])  # [R, 1] distance to the id each item holds
+        ratio = held / both[:, :k].clamp_min(1e-12)
+        ratio.scatter_(1, assigned[:, None], 0.0)
+        floor = torch.where(self.spawned_, (1.0 + self.margin) ** 2, 1.0)
+        self.gate_cur_ = torch.maximum(ratio.max(0).values * (1.0 + 1e-4), floor)
 
     def _centre_steps(self, z_in: torch.Tensor, res: torch.Tensor, rng: np.random.Generator, deadline: float) -> tuple[int, bool]:
         """DEC steps on the current prototypes under EWC and distillation; returns (steps, budget hit).
@@ -586,6 +620,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.ewc_anchor_ = torch.cat([self.ewc_anchor_, c.clone()])
         self.spawned_ = torch.cat([self.spawned_, torch.ones(1, dtype=torch.bool, device=dev)])
         self.gate_ = torch.cat([self.gate_, torch.tensor([gate], device=dev)])
+        self.gate_cur_ = torch.cat([self.gate_cur_, torch.tensor([gate], device=dev)])
         self.radius_ = torch.cat([self.radius_, torch.tensor([radius], device=dev)])
         self.cluster_ids_ = np.append(self.cluster_ids_, np.int64(self.next_id_))
         self.next_id_ += 1
@@ -594,7 +629,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         """Undo a spawn made in this update (its id was never published, so it is not reused)."""
         keep = torch.ones(self.centres_.shape[0], dtype=torch.bool, device=self.centres_.device)
         keep[j] = False
-        for name in ("centres_", "memory_", "ewc_anchor_", "spawned_", "gate_", "radius_"):
+        for name in ("centres_", "memory_", "ewc_anchor_", "spawned_", "gate_", "gate_cur_", "radius_"):
             setattr(self, name, getattr(self, name)[keep])
         self.cluster_ids_ = np.delete(self.cluster_ids_, j)
 
@@ -607,6 +642,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             "format": FORMAT_VERSION,
             "params": params,
             "autoencoder": {k: cpu(v) for k, v in self.autoencoder_.state_dict().items()},
+            "autoencoder_dims": list(self.autoencoder_.dims),
             "tensors": {
                 name: cpu(getattr(self, name))
                 for name in _TENSOR_STATE
@@ -659,7 +695,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         m = cls(**params)
         dev = _resolve_device(m.device)
         sc = state["scalars"]
-        ae = Autoencoder(int(sc["n_features_in_"]), m.hidden_dims, m.latent_dim)
+        ae = Autoencoder(int(sc["n_features_in_"]), m.hidden_dims, int(state["autoencoder_dims"][-1]))
         ae.load_state_dict(state["autoencoder"])
         ae.to(dev).eval()
         for p in ae.parameters():
@@ -690,7 +726,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         return {
             "model_version": int(self.version_),
             "n_features_in": int(self.n_features_in_),
-            "latent_dim": int(self.latent_dim),
+            "latent_dim": int(self.autoencoder_.dims[-1]),
             "autoencoder": list(self.autoencoder_.dims),
             "n_clusters": self.n_clusters_,
             "cluster_ids": [int(i) for i in self.cluster_ids_],

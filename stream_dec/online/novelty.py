@@ -162,18 +162,23 @@ def propose_anchored(
 
     ``d_old`` [n] is each item's (gated) squared distance to its best existing cluster.
     A new centre at ``c`` owns the items with ``gate · d(z, c) < d_old``. Centres are
-    added greedily: the best of ``candidates`` window items by owned gain
-    Σ (d_old - gate · d)₊ (an outlier gains only itself, a dense group gains a lot),
-    then gated Lloyd steps move it to the mean of what it owns. Stops when the best
-    centre would own fewer than ``min_support`` items.
+    added greedily. Seeds are the means of the ``min_support // 2`` nearest neighbours of
+    ``candidates`` random window items: in high dimension a single point is a poor
+    centre (its neighbours are ~2x as far from it as from their own mean), a local mean
+    is not. The seed with the largest owned gain Σ (d_old - gate · d)₊ wins (an outlier
+    gains only itself, a dense group a lot); gated Lloyd steps then move it to the mean
+    of what it owns. Stops when the best centre would own fewer than ``min_support``.
     """
     n = z.shape[0]
     cur = d_old.clone()
     out: list[torch.Tensor] = []
+    k_nn = max(2, min(n, min_support // 2))
     for _ in range(max_new):
         idx = torch.randperm(n, generator=generator)[: min(n, candidates)].to(z.device)
-        gains = (cur[None, :] - gate * squared_distances(z[idx], z)).clamp_min(0).sum(1)
-        c = z[idx[int(gains.argmax())]]
+        nn_idx = squared_distances(z[idx], z).topk(k_nn, dim=1, largest=False).indices  # [c, k]
+        seeds = z[nn_idx].mean(1)
+        gains = (cur[None, :] - gate * squared_distances(seeds, z)).clamp_min(0).sum(1)
+        c = seeds[int(gains.argmax())]
         for _ in range(iters):
             owned = gate * squared_distances(z, c[None, :]).squeeze(1) < cur
             if int(owned.sum()) < min_support:
