@@ -48,8 +48,13 @@ from stream_dec.online.reservoir import Reservoir
 FORMAT_VERSION = 1
 _PREDICT_CHUNK = 65536
 SPAWN_RULES = ("refit", "anchored", "outliers")
+_PROPOSAL_SAMPLE = 2048
+_STEP_ROWS = 256  # rows per online gradient step (a fresh slice of the batch each step)
 # Fitted tensors that, with the autoencoder, reservoir and buffer, make up the model.
-_TENSOR_STATE = ("mean_", "centres_", "memory_", "spawned_", "gate_", "gate_cur_", "radius_", "freq_", "fisher_", "ewc_anchor_")
+_TENSOR_STATE = (
+    "mean_", "centres_", "memory_", "spawned_", "gate_", "gate_cur_", "radius_", "freq_", "fisher_", "ewc_anchor_",
+    "adam_m_", "adam_v_", "adam_t_",
+)
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -126,7 +131,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         tol: float = 1e-3,
         refine_encoder: bool = False,
         n_init: int = 5,
-        online_steps: int = 10,
+        online_steps: int = 5,
         online_lr: float = 0.02,
         max_update_ms: float = 250.0,
         ewc_lambda: float = 1.0,
@@ -310,6 +315,9 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.spawned_ = torch.zeros(k, dtype=torch.bool, device=dev)
         self.gate_ = torch.ones(k, device=dev)
         self.gate_cur_ = torch.ones(k, device=dev)
+        self.adam_m_ = torch.zeros_like(centres)
+        self.adam_v_ = torch.zeros_like(centres)
+        self.adam_t_ = torch.zeros(k, device=dev)
         self.cluster_ids_ = np.arange(k, dtype=np.int64)
         self.next_id_ = k
         self.version_ = 0
@@ -510,7 +518,9 @@ class StreamDEC(ClusterMixin, BaseEstimator):
 
         The target P is fixed for the whole update (DEC recomputes it only every
         ``update_interval`` steps too) and built with the running cluster frequencies.
-        Gradients are closed-form (:func:`kl_centre_gradient`), fed to Adam.
+        Gradients are closed-form (:func:`kl_centre_gradient`). The optimiser is Adam
+        with moments kept across updates (and in checkpoints): a fresh Adam would take
+        full-size steps on pure gradient noise at every batch, so centres would jitter.
         """
         if self.online_steps == 0 or z_in.shape[0] == 0:
             return 0, False
@@ -518,22 +528,27 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             p = target_distribution(soft_assignment(squared_distances(z_in, self.centres_), self.alpha), self.freq_)
             rehearse = res[torch.from_numpy(rng.choice(len(res), size=min(len(res), 256), replace=False)).to(res.device)]
             q_old = soft_assignment(squared_distances(rehearse, self.centres_), self.alpha)
-        mu = self.centres_.clone().requires_grad_(True)
-        opt = torch.optim.Adam([mu], lr=self.online_lr * self.latent_scale_)
-        steps, exhausted = 0, False
-        for _ in range(self.online_steps):
-            if time.perf_counter() > deadline:
-                exhausted = True
-                break
-            with torch.no_grad():
-                grad = kl_centre_gradient(z_in, mu, p, self.alpha)
+            mu = self.centres_.clone()
+            lr, b1, b2, eps = self.online_lr * self.latent_scale_, 0.9, 0.999, 1e-8
+            steps, exhausted = 0, False
+            order = torch.from_numpy(rng.permutation(z_in.shape[0])).to(z_in.device)
+            for step in range(self.online_steps):
+                if time.perf_counter() > deadline:
+                    exhausted = True
+                    break
+                rows = order[torch.arange(step * _STEP_ROWS, (step + 1) * _STEP_ROWS, device=z_in.device) % len(order)]
+                grad = kl_centre_gradient(z_in[rows], mu, p[rows], self.alpha)
                 grad += self.ewc_lambda * self.fisher_ * (mu - self.ewc_anchor_)
                 if self.distill_weight > 0 and len(rehearse):
                     grad += self.distill_weight * kl_centre_gradient(rehearse, mu, q_old, self.alpha)
-            mu.grad = grad
-            opt.step()
-            steps += 1
-        self.centres_ = mu.detach()
+                self.adam_t_ += 1
+                self.adam_m_.mul_(b1).add_(grad, alpha=1 - b1)
+                self.adam_v_.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                m_hat = self.adam_m_ / (1 - b1 ** self.adam_t_)[:, None]
+                v_hat = self.adam_v_ / (1 - b2 ** self.adam_t_)[:, None]
+                mu -= lr * m_hat / (v_hat.sqrt() + eps)
+                steps += 1
+            self.centres_ = mu
         return steps, exhausted
 
     def _maybe_spawn(self, rng: np.random.Generator, res: torch.Tensor) -> list[np.ndarray]:
@@ -555,14 +570,18 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         buf.added_since_try = 0
         dev = self.centres_.device
         zw = torch.from_numpy(buf.z).to(dev)
+        d_win = self._distances(zw)[1].min(1).values
         seed = int(rng.integers(2**31))
+        gen = torch.Generator().manual_seed(seed)
         max_new = min(room, 8)
+        # Proposals only need the window's shape: a sample bounds their cost.
+        sub = torch.randperm(len(zw), generator=gen)[:_PROPOSAL_SAMPLE].to(dev)
         if self.spawn_rule == "refit":
-            proposals = propose_refit(zw, self.centres_, max_new=max_new, generator=torch.Generator().manual_seed(seed))
+            proposals = propose_refit(zw[sub], self.centres_, max_new=max_new, generator=gen)
         elif self.spawn_rule == "anchored":
             proposals = propose_anchored(
-                zw, self._distances(zw)[1].min(1).values, min_support=self.min_support_, max_new=max_new,
-                generator=torch.Generator().manual_seed(seed), gate=(1.0 + self.margin) ** 2,
+                zw[sub], d_win[sub], min_support=max(2, self.min_support_ * len(sub) // len(zw)), max_new=max_new,
+                generator=gen, gate=(1.0 + self.margin) ** 2,
             )
         else:
             rows = np.flatnonzero(buf.unexplained)
@@ -580,7 +599,6 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         for c in proposals:
             if self.n_clusters_ >= self.max_clusters_:
                 break
-            d_win = self._distances(zw)[1].min(1).values
             # Gated Lloyd: re-centre on what the cluster captures behind its gate and
             # re-calibrate the gate; the centre leaves the old clusters' fringe for the
             # core of the new group, so the gate it needs shrinks.
@@ -601,6 +619,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
                 continue  # cohesion
             self._add_cluster(c, gate, max(float(torch.quantile(d_c[captured], self.novelty_quantile)), base_radius))
             captured_rows.append(np.flatnonzero(captured.cpu().numpy()))
+            d_win = torch.minimum(d_win, d_c * gate)
         return captured_rows
 
     def _calibrate_gate(self, c: torch.Tensor, res: torch.Tensor, d_res_old: torch.Tensor | None) -> float:
@@ -621,6 +640,9 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.spawned_ = torch.cat([self.spawned_, torch.ones(1, dtype=torch.bool, device=dev)])
         self.gate_ = torch.cat([self.gate_, torch.tensor([gate], device=dev)])
         self.gate_cur_ = torch.cat([self.gate_cur_, torch.tensor([gate], device=dev)])
+        self.adam_m_ = torch.cat([self.adam_m_, torch.zeros_like(c)])
+        self.adam_v_ = torch.cat([self.adam_v_, torch.zeros_like(c)])
+        self.adam_t_ = torch.cat([self.adam_t_, torch.zeros(1, device=dev)])
         self.radius_ = torch.cat([self.radius_, torch.tensor([radius], device=dev)])
         self.cluster_ids_ = np.append(self.cluster_ids_, np.int64(self.next_id_))
         self.next_id_ += 1
@@ -629,7 +651,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         """Undo a spawn made in this update (its id was never published, so it is not reused)."""
         keep = torch.ones(self.centres_.shape[0], dtype=torch.bool, device=self.centres_.device)
         keep[j] = False
-        for name in ("centres_", "memory_", "ewc_anchor_", "spawned_", "gate_", "gate_cur_", "radius_"):
+        for name in ("centres_", "memory_", "ewc_anchor_", "spawned_", "gate_", "gate_cur_", "radius_", "adam_m_", "adam_v_", "adam_t_"):
             setattr(self, name, getattr(self, name)[keep])
         self.cluster_ids_ = np.delete(self.cluster_ids_, j)
 
@@ -716,8 +738,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         m.checkpoint_extra_ = dict(state.get("extra", {}))
         m.checkpoint_path_ = source
         k = m.centres_.shape[0]
-        if not (m.memory_.shape[0] == m.radius_.shape[0] == m.fisher_.shape[0] == len(m.cluster_ids_) == k):
-            raise ValueError("cluster arrays disagree in length")
+        if any(getattr(m, n).shape[0] != k for n in _TENSOR_STATE if n != "mean_") or len(m.cluster_ids_) != k:
+            raise ValueError("per-cluster arrays disagree in length")
         return m
 
     def summary(self) -> dict[str, Any]:
