@@ -53,7 +53,7 @@ _STEP_ROWS = 256  # rows per online gradient step (a fresh slice of the batch ea
 # Fitted tensors that, with the autoencoder, reservoir and buffer, make up the model.
 _TENSOR_STATE = (
     "mean_", "centres_", "memory_", "spawned_", "gate_", "gate_cur_", "radius_", "freq_", "fisher_", "ewc_anchor_",
-    "adam_m_", "adam_v_", "adam_t_",
+    "adam_m_", "adam_v_", "adam_t_", "evidence_",
 )
 
 
@@ -89,7 +89,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
     n_init : k-means restarts for the centre initialisation.
     online_steps, max_update_ms : the step and wall-clock budget of one ``partial_fit``.
     online_lr : online step size in units of the within-cluster spread.
-    ewc_lambda, fisher_decay : online-EWC strength and the decay of the running Fisher.
+    ewc_lambda, fisher_decay : online-EWC strength and the decay of the running Fisher
+        (and of the running evidence counts of the "mean" rule).
     distill_weight : weight of KL(q_old || q_new) on reservoir latents.
     freq_decay : decay of the running cluster frequencies used by the target.
     reservoir_size : latents remembered for rehearsal and the churn guard.
@@ -104,6 +105,10 @@ class StreamDEC(ClusterMixin, BaseEstimator):
     spawn_rule : how new clusters are proposed: "anchored" (k-means over the recent
         window with the old centres fixed) or "outliers" (k-means over the items beyond
         every cluster's radius); see :mod:`stream_dec.online.novelty`.
+    centre_rule : how current prototypes move: "mean" (online-EWC MAP step of a k-means
+        likelihood: toward the batch mean of their items, damped by their running
+        evidence) or "dec" (DEC KL gradient steps under the diagonal-Fisher EWC penalty
+        and distillation on the reservoir).
     spawn_refine_iters : gated Lloyd iterations that move a proposed centre to the core
         of what it captures.
     max_churn : largest share of the reservoir one update may relabel.
@@ -134,7 +139,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         online_steps: int = 5,
         online_lr: float = 0.02,
         max_update_ms: float = 250.0,
-        ewc_lambda: float = 1.0,
+        ewc_lambda: float = 0.1,
         fisher_decay: float = 0.9,
         distill_weight: float = 1.0,
         freq_decay: float = 0.9,
@@ -144,6 +149,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         margin: float = 0.1,
         max_clusters: int | None = None,
         spawn_rule: str = "anchored",
+        centre_rule: str = "mean",
         spawn_refine_iters: int = 5,
         new_cluster_churn: float = 0.001,
         max_churn: float = 0.005,
@@ -180,6 +186,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.margin = margin
         self.max_clusters = max_clusters
         self.spawn_rule = spawn_rule
+        self.centre_rule = centre_rule
         self.spawn_refine_iters = spawn_refine_iters
         self.new_cluster_churn = new_cluster_churn
         self.max_churn = max_churn
@@ -211,6 +218,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         need(0 < self.novelty_quantile < 1, f"novelty_quantile must be in (0, 1), got {self.novelty_quantile!r}")
         need(0 <= self.max_churn <= 1, f"max_churn must be in [0, 1], got {self.max_churn!r}")
         need(0 <= self.max_total_churn <= 1, f"max_total_churn must be in [0, 1], got {self.max_total_churn!r}")
+        need(self.centre_rule in ("dec", "mean"), f"centre_rule must be 'dec' or 'mean', got {self.centre_rule!r}")
         need(self.spawn_rule in SPAWN_RULES, f"spawn_rule must be one of {SPAWN_RULES}, got {self.spawn_rule!r}")
         need(self.margin >= 0, f"margin must be >= 0, got {self.margin!r}")
         need(0 <= self.new_cluster_churn < 1, f"new_cluster_churn must be in [0, 1), got {self.new_cluster_churn!r}")
@@ -325,6 +333,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         lab = d2.argmin(1)
         own = d2.gather(1, lab[:, None]).squeeze(1)
         counts = torch.bincount(lab, minlength=k)
+        self.evidence_ = counts.to(centres.dtype)
         radius = torch.full((k,), float("nan"), device=dev)
         spread = torch.full((k,), float("nan"), device=dev)
         for j in range(k):
@@ -404,7 +413,10 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         old_centres = self.centres_.clone()
         k_old = self.centres_.shape[0]
 
-        steps, exhausted = self._centre_steps(z_in, res, rng, deadline)
+        if self.centre_rule == "dec":
+            steps, exhausted = self._centre_steps(z_in, res, rng, deadline)
+        else:
+            steps, exhausted = self._centre_mean_step(z, nearest), False
         if steps:
             self._calibrate_moving_gates(res, before)
 
@@ -460,6 +472,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
                 self.freq_ = self.freq_decay * self.freq_ + (1 - self.freq_decay) * q.mean(0)
                 self.fisher_ = self.fisher_decay * self.fisher_ + fisher_diagonal(z_in, self.centres_, self.alpha)
             self.ewc_anchor_ = self.centres_.clone()
+            counts = torch.bincount(nearest, minlength=self.n_clusters_).to(self.evidence_.dtype)
+            self.evidence_ = self.fisher_decay * self.evidence_ + counts
             if len(settled_z):
                 # Items enter the reservoir once their id is settled: after their stay in the
                 # novelty window, so a class that is still being discovered does not count
@@ -511,7 +525,25 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         ratio = held / both[:, :k].clamp_min(1e-12)
         ratio.scatter_(1, assigned[:, None], 0.0)
         floor = torch.where(self.spawned_, (1.0 + self.margin) ** 2, 1.0)
-        self.gate_cur_ = torch.maximum(ratio.max(0).values * (1.0 + 1e-4), floor)
+        self.gate_cur_ = torch.maximum(ratio.max(0).values * (1.0 + self.margin), floor)
+
+    @torch.no_grad()
+    def _centre_mean_step(self, z: torch.Tensor, assigned: torch.Tensor) -> int:
+        """Online-EWC step of a k-means (Gaussian) likelihood: a precision-weighted mean.
+
+        With the old centre as prior, each item of evidence weighing the same and the
+        running evidence count e_j (decayed by ``fisher_decay``) as the prior's Fisher,
+        the MAP centre is μ_j + η_j (m_j - μ_j), η_j = n_j / (n_j + ewc_lambda · e_j),
+        where m_j is the mean of the n_j batch items given to id j. A drifting class is
+        followed within a few batches; a few stray items barely move a centre. Returns 1.
+        """
+        k = self.centres_.shape[0]
+        counts = torch.bincount(assigned, minlength=k).to(z.dtype)
+        sums = torch.zeros_like(self.centres_).index_add_(0, assigned, z)
+        eta = counts / (counts + self.ewc_lambda * self.evidence_[:k]).clamp_min(1e-12)
+        target = sums / counts.clamp_min(1)[:, None]
+        self.centres_ = self.centres_ + eta[:, None] * (target - self.centres_)
+        return 1
 
     def _centre_steps(self, z_in: torch.Tensor, res: torch.Tensor, rng: np.random.Generator, deadline: float) -> tuple[int, bool]:
         """DEC steps on the current prototypes under EWC and distillation; returns (steps, budget hit).
@@ -617,7 +649,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
                 continue  # support and persistence
             if float(d_c[captured].mean()) > self.cohesion_:
                 continue  # cohesion
-            self._add_cluster(c, gate, max(float(torch.quantile(d_c[captured], self.novelty_quantile)), base_radius))
+            self._add_cluster(c, gate, max(float(torch.quantile(d_c[captured], self.novelty_quantile)), base_radius), n_cap)
             captured_rows.append(np.flatnonzero(captured.cpu().numpy()))
             d_win = torch.minimum(d_win, d_c * gate)
         return captured_rows
@@ -630,7 +662,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             gate = max(gate, float(torch.quantile(ratio, 1.0 - self.new_cluster_churn)))
         return gate
 
-    def _add_cluster(self, centre: torch.Tensor, gate: float, radius: float) -> None:
+    def _add_cluster(self, centre: torch.Tensor, gate: float, radius: float, evidence: int) -> None:
         """Append a cluster with a fresh id (ids are never reused)."""
         dev = self.centres_.device
         c = centre.reshape(1, -1).to(dev)
@@ -643,6 +675,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.adam_m_ = torch.cat([self.adam_m_, torch.zeros_like(c)])
         self.adam_v_ = torch.cat([self.adam_v_, torch.zeros_like(c)])
         self.adam_t_ = torch.cat([self.adam_t_, torch.zeros(1, device=dev)])
+        self.evidence_ = torch.cat([self.evidence_, torch.tensor([float(evidence)], device=dev)])
         self.radius_ = torch.cat([self.radius_, torch.tensor([radius], device=dev)])
         self.cluster_ids_ = np.append(self.cluster_ids_, np.int64(self.next_id_))
         self.next_id_ += 1
@@ -651,7 +684,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         """Undo a spawn made in this update (its id was never published, so it is not reused)."""
         keep = torch.ones(self.centres_.shape[0], dtype=torch.bool, device=self.centres_.device)
         keep[j] = False
-        for name in ("centres_", "memory_", "ewc_anchor_", "spawned_", "gate_", "gate_cur_", "radius_", "adam_m_", "adam_v_", "adam_t_"):
+        for name in ("centres_", "memory_", "ewc_anchor_", "spawned_", "gate_", "gate_cur_", "radius_", "adam_m_", "adam_v_", "adam_t_", "evidence_"):
             setattr(self, name, getattr(self, name)[keep])
         self.cluster_ids_ = np.delete(self.cluster_ids_, j)
 
