@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test bench-quality bench-cost clean
+.PHONY: venv test quickstart bench-quality bench-cost clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The main job until the Kafka service lands: one seed of the stream protocol on a real
+# set, StreamDEC beside frozen k-means and MiniBatchKMeans, both scenarios (~1 minute).
+quickstart: $(STAMP)
+	$(PY) bench/run_quality.py --sets stackoverflow --seeds 0 --scenario both \
+		--methods frozen_kmeans mbk_all oracle_2proto stream_dec --out bench/results/tmp/quickstart.json
+
 bench-quality: $(STAMP)
-	$(PY) bench/run_quality.py --sets stackoverflow banking77 mnist_test --seeds 0 1 2 --scenario both --out bench/results/quality.json
+	$(PY) bench/run_quality.py --sets stackoverflow banking77 mnist_test --seeds 0 1 2 --scenario both \
+		--methods frozen_kmeans mbk_base mbk_all refit_kmeans oracle_2proto stream_dec \
+		--variant 'dec_rule:centre_rule="dec",ewc_lambda=1.0' --out bench/results/quality.json
 
 bench-cost: $(STAMP)
 	$(PY) bench/run_cost.py --out bench/results/cost.json
