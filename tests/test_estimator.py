@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from stream_dec import DriftReport, StreamDEC
+from stream_dec.online.estimator import SPAWN_RULES
 from stream_dec.evaluation import cluster_acc
 from tests.conftest import FAST, make_blobs
 
@@ -30,8 +31,9 @@ def test_predict_proba_rows_and_columns(fitted, blobs):
     assert np.array_equal(fitted.cluster_ids_[P.argmax(1)], fitted.predict(blobs["X"][:50]))
 
 
-def test_old_ids_stay_while_new_blob_gets_new_id(fitted, blobs, tmp_path):
-    m = _clone(fitted, tmp_path)
+@pytest.mark.parametrize("rule", SPAWN_RULES)
+def test_old_ids_stay_while_new_blob_gets_new_id(fitted, blobs, tmp_path, rule):
+    m = _clone(fitted, tmp_path).set_params(spawn_rule=rule)
     X_old, y_old, X_new = blobs["X"], blobs["y"], blobs["X_new"]
     ref_ids = m.predict(X_old)
     rng = np.random.default_rng(1)

@@ -16,18 +16,18 @@ from stream_dec.model.dec import squared_distances
 
 
 @torch.no_grad()
-def kmeans_pp(z: torch.Tensor, k: int, generator: torch.Generator, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy k-means++ seeding then Lloyd iterations; returns ``(labels [n], centres [k, d])``.
+def greedy_seeds(z: torch.Tensor, centres: torch.Tensor, n_new: int, generator: torch.Generator, trials: int) -> torch.Tensor:
+    """Append ``n_new`` greedy k-means++ seeds to ``centres`` (which may be empty).
 
-    Greedy seeding (several candidates per pick, keep the one that lowers the potential
-    most, as scikit-learn does) avoids the bad local optima plain k-means++ falls into.
+    Each pick draws ``trials`` candidates by D² sampling and keeps the one that lowers
+    the potential most, as scikit-learn does; plain k-means++ falls into bad optima.
     """
     n = z.shape[0]
-    trials = 2 + int(math.log(k))
-    first = int(torch.randint(n, (1,), generator=generator))
-    centres = z[first : first + 1]
-    closest = squared_distances(z, centres).squeeze(1)
-    for _ in range(1, k):
+    if centres.shape[0] == 0:
+        first = int(torch.randint(n, (1,), generator=generator))
+        centres, n_new = z[first : first + 1], n_new - 1
+    closest = squared_distances(z, centres).min(1).values
+    for _ in range(n_new):
         total = float(closest.sum())
         probs = closest / total if total > 0 else torch.full_like(closest, 1.0 / n)
         cand = torch.multinomial(probs.cpu(), trials, replacement=True, generator=generator).to(z.device)
@@ -35,9 +35,15 @@ def kmeans_pp(z: torch.Tensor, k: int, generator: torch.Generator, iters: int = 
         best = int(pot.sum(1).argmin())
         centres = torch.cat([centres, z[cand[best]][None, :]])
         closest = pot[best]
+    return centres
+
+
+@torch.no_grad()
+def lloyd(z: torch.Tensor, centres: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations from ``centres`` until labels settle; returns ``(labels, centres)``."""
     labels = squared_distances(z, centres).argmin(1)
     for _ in range(iters):
-        counts = torch.bincount(labels, minlength=k).to(z.dtype)
+        counts = torch.bincount(labels, minlength=centres.shape[0]).to(z.dtype)
         sums = torch.zeros_like(centres).index_add_(0, labels, z)
         centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
         new = squared_distances(z, centres).argmin(1)
@@ -45,6 +51,13 @@ def kmeans_pp(z: torch.Tensor, k: int, generator: torch.Generator, iters: int = 
             break
         labels = new
     return labels, centres
+
+
+@torch.no_grad()
+def kmeans_pp(z: torch.Tensor, k: int, generator: torch.Generator, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy k-means++ seeding then Lloyd iterations; returns ``(labels [n], centres [k, d])``."""
+    seeds = greedy_seeds(z, z[:0], k, generator, trials=2 + int(math.log(k)))
+    return lloyd(z, seeds, iters)
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from stream_dec.model.dec import squared_distances
-from stream_dec.model.kmeans import kmeans_pp, silhouette
+from stream_dec.model.kmeans import greedy_seeds, kmeans_pp, lloyd, silhouette
 
 
 @dataclass
@@ -122,26 +122,8 @@ def propose_refit(
     new ones settle on the groups the old model does not cover.
     """
     k_old = old_centres.shape[0]
-    centres = old_centres.clone()
-    cur = squared_distances(z, centres).min(1).values
-    for _ in range(max_new):
-        total = float(cur.sum())
-        if total <= 0:
-            break
-        idx = torch.multinomial((cur / total).cpu(), trials, replacement=True, generator=generator).to(z.device)
-        pot = torch.minimum(cur[None, :], squared_distances(z[idx], z))
-        best = int(pot.sum(1).argmin())
-        centres = torch.cat([centres, z[idx[best]][None, :]])
-        cur = pot[best]
-    labels = squared_distances(z, centres).argmin(1)
-    for _ in range(iters):
-        counts = torch.bincount(labels, minlength=centres.shape[0]).to(z.dtype)
-        sums = torch.zeros_like(centres).index_add_(0, labels, z)
-        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
-        new = squared_distances(z, centres).argmin(1)
-        if torch.equal(new, labels):
-            break
-        labels = new
+    centres = greedy_seeds(z, old_centres.clone(), max_new, generator, trials)
+    labels, centres = lloyd(z, centres, iters)
     owned = torch.bincount(labels, minlength=centres.shape[0])
     return [centres[j] for j in range(k_old, centres.shape[0]) if int(owned[j]) > 0]
 
