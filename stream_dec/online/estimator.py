@@ -109,6 +109,9 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         likelihood: toward the batch mean of their items, damped by their running
         evidence) or "dec" (DEC KL gradient steps under the diagonal-Fisher EWC penalty
         and distillation on the reservoir).
+    remember : what the reservoir (the memory the churn guard and gates protect) takes:
+        "founding" (the fitted items and each new cluster's items at birth) or
+        "settled" (also every item that ages out of the novelty window under its id).
     spawn_refine_iters : gated Lloyd iterations that move a proposed centre to the core
         of what it captures.
     max_churn : largest share of the reservoir one update may relabel.
@@ -150,8 +153,10 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         max_clusters: int | None = None,
         spawn_rule: str = "anchored",
         centre_rule: str = "mean",
+        remember: str = "founding",
         spawn_refine_iters: int = 5,
         new_cluster_churn: float = 0.001,
+        birth_gate_floor: float = 1.21,
         max_churn: float = 0.005,
         max_total_churn: float = 0.01,
         buffer_size: int = 4096,
@@ -187,8 +192,10 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.max_clusters = max_clusters
         self.spawn_rule = spawn_rule
         self.centre_rule = centre_rule
+        self.remember = remember
         self.spawn_refine_iters = spawn_refine_iters
         self.new_cluster_churn = new_cluster_churn
+        self.birth_gate_floor = birth_gate_floor
         self.max_churn = max_churn
         self.max_total_churn = max_total_churn
         self.buffer_size = buffer_size
@@ -218,8 +225,10 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         need(0 < self.novelty_quantile < 1, f"novelty_quantile must be in (0, 1), got {self.novelty_quantile!r}")
         need(0 <= self.max_churn <= 1, f"max_churn must be in [0, 1], got {self.max_churn!r}")
         need(0 <= self.max_total_churn <= 1, f"max_total_churn must be in [0, 1], got {self.max_total_churn!r}")
+        need(self.remember in ("founding", "settled"), f"remember must be 'founding' or 'settled', got {self.remember!r}")
         need(self.centre_rule in ("dec", "mean"), f"centre_rule must be 'dec' or 'mean', got {self.centre_rule!r}")
         need(self.spawn_rule in SPAWN_RULES, f"spawn_rule must be one of {SPAWN_RULES}, got {self.spawn_rule!r}")
+        need(self.birth_gate_floor > 0, f"birth_gate_floor must be > 0, got {self.birth_gate_floor!r}")
         need(self.margin >= 0, f"margin must be >= 0, got {self.margin!r}")
         need(0 <= self.new_cluster_churn < 1, f"new_cluster_churn must be in [0, 1), got {self.new_cluster_churn!r}")
         need(0 <= self.fisher_decay <= 1 and 0 <= self.freq_decay < 1, "fisher_decay must be in [0, 1] and freq_decay in [0, 1)")
@@ -420,7 +429,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         if steps:
             self._calibrate_moving_gates(res, before)
 
-        settled_z, settled_ids = self.buffer_.add(
+        aged_z, aged_ids = self.buffer_.add(
             z.cpu().numpy(), self.cluster_ids_[nearest.cpu().numpy()], (~explained).cpu().numpy(), version
         )
         spawned = self._maybe_spawn(rng, res)
@@ -457,8 +466,15 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             else:
                 break
 
+        # The reservoir remembers what each id was founded on: the fitted items, and
+        # the items a new cluster captured at birth. Items that merely aged out of the
+        # window under an old id are not added: a class the model has not found yet
+        # sits there under some old id, and would then block its own new cluster.
+        settled_z = np.zeros((0, z.shape[1]), dtype=np.float32)
+        settled_ids = np.zeros(0, dtype=np.int64)
+        if self.remember == "settled":
+            settled_z, settled_ids = aged_z, aged_ids
         if spawned:
-            # Rows a new cluster captured are settled too, under their new id.
             for j, rows in enumerate(spawned):
                 settled_z = np.concatenate([settled_z, self.buffer_.z[rows]])
                 settled_ids = np.concatenate([settled_ids, np.full(len(rows), self.cluster_ids_[k_old + j])])
@@ -656,7 +672,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
 
     def _calibrate_gate(self, c: torch.Tensor, res: torch.Tensor, d_res_old: torch.Tensor | None) -> float:
         """Smallest gate at which centre ``c`` takes at most ``new_cluster_churn`` of the reservoir."""
-        gate = (1.0 + self.margin) ** 2
+        gate = self.birth_gate_floor
         if d_res_old is not None:
             ratio = d_res_old / squared_distances(res, c[None, :]).squeeze(1).clamp_min(1e-12)
             gate = max(gate, float(torch.quantile(ratio, 1.0 - self.new_cluster_churn)))

@@ -149,13 +149,17 @@ def propose_anchored(
     centre (its neighbours are ~2x as far from it as from their own mean), a local mean
     is not. The seed with the largest owned gain Σ (d_old - gate · d)₊ wins (an outlier
     gains only itself, a dense group a lot); gated Lloyd steps then move it to the mean
-    of what it owns. Stops when the best centre would own fewer than ``min_support``.
+    of what it owns. A centre that ends up owning fewer than ``min_support`` items is
+    discarded; the search stops after ``max_new`` centres or ``max_new`` discards.
     """
     n = z.shape[0]
     cur = d_old.clone()
     out: list[torch.Tensor] = []
     k_nn = max(2, min(n, min_support // 2))
-    for _ in range(max_new):
+    failures = 0
+    # A failed seed (a group too small once its centre settles) does not end the
+    # search: other groups may still be there, so draw fresh candidates, a few times.
+    while len(out) < max_new and failures < max_new:
         idx = torch.randperm(n, generator=generator)[: min(n, candidates)].to(z.device)
         nn_idx = squared_distances(z[idx], z).topk(k_nn, dim=1, largest=False).indices  # [c, k]
         seeds = z[nn_idx].mean(1)
@@ -171,7 +175,8 @@ def propose_anchored(
             c = c_new
         d_c = gate * squared_distances(z, c[None, :]).squeeze(1)
         if int((d_c < cur).sum()) < min_support:
-            break
+            failures += 1
+            continue
         out.append(c)
         cur = torch.minimum(cur, d_c)
     return out
