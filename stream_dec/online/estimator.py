@@ -146,7 +146,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         fisher_decay: float = 0.9,
         distill_weight: float = 1.0,
         freq_decay: float = 0.9,
-        reservoir_size: int = 2048,
+        reservoir_size: int = 4096,
         novelty_quantile: float = 0.95,
         min_support: int | None = None,
         margin: float = 0.1,
@@ -156,7 +156,6 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         remember: str = "founding",
         spawn_refine_iters: int = 5,
         new_cluster_churn: float = 0.001,
-        birth_gate_floor: float = 1.21,
         max_churn: float = 0.005,
         max_total_churn: float = 0.01,
         buffer_size: int = 4096,
@@ -195,7 +194,6 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.remember = remember
         self.spawn_refine_iters = spawn_refine_iters
         self.new_cluster_churn = new_cluster_churn
-        self.birth_gate_floor = birth_gate_floor
         self.max_churn = max_churn
         self.max_total_churn = max_total_churn
         self.buffer_size = buffer_size
@@ -228,7 +226,6 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         need(self.remember in ("founding", "settled"), f"remember must be 'founding' or 'settled', got {self.remember!r}")
         need(self.centre_rule in ("dec", "mean"), f"centre_rule must be 'dec' or 'mean', got {self.centre_rule!r}")
         need(self.spawn_rule in SPAWN_RULES, f"spawn_rule must be one of {SPAWN_RULES}, got {self.spawn_rule!r}")
-        need(self.birth_gate_floor > 0, f"birth_gate_floor must be > 0, got {self.birth_gate_floor!r}")
         need(self.margin >= 0, f"margin must be >= 0, got {self.margin!r}")
         need(0 <= self.new_cluster_churn < 1, f"new_cluster_churn must be in [0, 1), got {self.new_cluster_churn!r}")
         need(0 <= self.fisher_decay <= 1 and 0 <= self.freq_decay < 1, "fisher_decay must be in [0, 1] and freq_decay in [0, 1)")
@@ -541,7 +538,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         ratio = held / both[:, :k].clamp_min(1e-12)
         ratio.scatter_(1, assigned[:, None], 0.0)
         floor = torch.where(self.spawned_, (1.0 + self.margin) ** 2, 1.0)
-        self.gate_cur_ = torch.maximum(ratio.max(0).values * (1.0 + self.margin), floor)
+        self.gate_cur_ = torch.maximum(ratio.max(0).values * (1.0 + self.margin) ** 2, floor)
 
     @torch.no_grad()
     def _centre_mean_step(self, z: torch.Tensor, assigned: torch.Tensor) -> int:
@@ -671,8 +668,12 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         return captured_rows
 
     def _calibrate_gate(self, c: torch.Tensor, res: torch.Tensor, d_res_old: torch.Tensor | None) -> float:
-        """Smallest gate at which centre ``c`` takes at most ``new_cluster_churn`` of the reservoir."""
-        gate = self.birth_gate_floor
+        """Gate at which centre ``c`` takes at most ``new_cluster_churn`` of the reservoir.
+
+        Never below ``(1 + margin)²``: the calibration sees only a sample of what the
+        model labelled, and the margin covers the items it did not see.
+        """
+        gate = (1.0 + self.margin) ** 2
         if d_res_old is not None:
             ratio = d_res_old / squared_distances(res, c[None, :]).squeeze(1).clamp_min(1e-12)
             gate = max(gate, float(torch.quantile(ratio, 1.0 - self.new_cluster_churn)))
