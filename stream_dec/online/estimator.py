@@ -155,9 +155,9 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         centre_rule: str = "mean",
         remember: str = "founding",
         spawn_refine_iters: int = 5,
-        new_cluster_churn: float = 0.001,
+        new_cluster_churn: float = 0.0005,
         max_churn: float = 0.005,
-        max_total_churn: float = 0.01,
+        max_total_churn: float = 0.005,
         buffer_size: int = 4096,
         buffer_ttl: int = 10,
         device: str = "auto",
@@ -423,13 +423,12 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             steps, exhausted = self._centre_steps(z_in, res, rng, deadline)
         else:
             steps, exhausted = self._centre_mean_step(z, nearest), False
-        if steps:
-            self._calibrate_moving_gates(res, before)
+        res_both = self._calibrate_moving_gates(res, before) if steps else None
 
         aged_z, aged_ids = self.buffer_.add(
             z.cpu().numpy(), self.cluster_ids_[nearest.cpu().numpy()], (~explained).cpu().numpy(), version
         )
-        spawned = self._maybe_spawn(rng, res)
+        spawned = self._maybe_spawn(rng, res, res_both)
 
         # Churn guard: bound both this update's relabelling of remembered items and
         # the share relabelled since they were first labelled (the budget may not be
@@ -438,8 +437,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         total_before = float((ids_t[before] != published).float().mean()) if len(res) else 0.0
         allowed_total = max(total_before, self.max_total_churn)
         action = "none"
+        after = self._assign_reusing(res, res_both, k_old) if res_both is not None or spawned else before
         while True:
-            after = self._assign(res)
             ids_t = torch.from_numpy(self.cluster_ids_).to(dev)
             churn = float((before != after).float().mean()) if len(res) else 0.0
             total = float((ids_t[after] != published).float().mean()) if len(res) else 0.0
@@ -462,6 +461,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
                 action = "dropped_new"
             else:
                 break
+            after = self._assign(res)
 
         # The reservoir remembers what each id was founded on: the fitted items, and
         # the items a new cluster captured at birth. Items that merely aged out of the
@@ -481,9 +481,11 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             self.freq_ = torch.cat([self.freq_, torch.full((n_new,), float(self.freq_.mean()), device=dev)])
             self.fisher_ = torch.cat([self.fisher_, torch.zeros(n_new, self.fisher_.shape[1], device=dev)])
             if z_in.shape[0]:
-                q = soft_assignment(squared_distances(z_in, self.centres_), self.alpha)
+                # Both are expectations over the batch: a fixed-size sample estimates them.
+                sample = z_in[torch.from_numpy(rng.permutation(z_in.shape[0])[:_STEP_ROWS]).to(dev)]
+                q = soft_assignment(squared_distances(sample, self.centres_), self.alpha)
                 self.freq_ = self.freq_decay * self.freq_ + (1 - self.freq_decay) * q.mean(0)
-                self.fisher_ = self.fisher_decay * self.fisher_ + fisher_diagonal(z_in, self.centres_, self.alpha)
+                self.fisher_ = self.fisher_decay * self.fisher_ + fisher_diagonal(sample, self.centres_, self.alpha)
             self.ewc_anchor_ = self.centres_.clone()
             counts = torch.bincount(nearest, minlength=self.n_clusters_).to(self.evidence_.dtype)
             self.evidence_ = self.fisher_decay * self.evidence_ + counts
@@ -522,15 +524,17 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         return cached
 
     @torch.no_grad()
-    def _calibrate_moving_gates(self, res: torch.Tensor, assigned: torch.Tensor) -> None:
+    def _calibrate_moving_gates(self, res: torch.Tensor, assigned: torch.Tensor) -> torch.Tensor | None:
         """Set each current prototype's gate so that it takes no remembered item of another id.
 
         A moving prototype may follow its own items anywhere, but it must not win an
         item that another id holds: its gate is the largest ratio (the other id's gated
-        distance over the distance to this prototype) over the reservoir items of other ids.
+        distance over the distance to this prototype) over the reservoir items of other
+        ids, times the ``(1 + margin)²`` safety factor. Returns the reservoir's squared
+        distances to all prototypes ``[R, 2K]`` for reuse.
         """
         if len(res) == 0:
-            return
+            return None
         k = self.centres_.shape[0]
         both = squared_distances(res, torch.cat([self.centres_, self.memory_]))
         held = torch.minimum(both[:, :k] * self.gate_cur_[None, :], both[:, k:] * self.gate_[None, :])
@@ -539,6 +543,21 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         ratio.scatter_(1, assigned[:, None], 0.0)
         floor = torch.where(self.spawned_, (1.0 + self.margin) ** 2, 1.0)
         self.gate_cur_ = torch.maximum(ratio.max(0).values * (1.0 + self.margin) ** 2, floor)
+        return both
+
+    @torch.no_grad()
+    def _assign_reusing(self, res: torch.Tensor, both: torch.Tensor | None, k_old: int) -> torch.Tensor:
+        """``_assign(res)`` from distances to the first ``k_old`` clusters' prototypes
+        computed earlier, adding only the clusters created since."""
+        if both is None:
+            return self._assign(res)
+        k = self.centres_.shape[0]
+        cur, mem = both[:, :k_old], both[:, k_old:]
+        if k > k_old:
+            extra = squared_distances(res, torch.cat([self.centres_[k_old:], self.memory_[k_old:]]))
+            cur = torch.cat([cur, extra[:, : k - k_old]], 1)
+            mem = torch.cat([mem, extra[:, k - k_old :]], 1)
+        return torch.minimum(cur * self.gate_cur_[None, :], mem * self.gate_[None, :]).argmin(1)
 
     @torch.no_grad()
     def _centre_mean_step(self, z: torch.Tensor, assigned: torch.Tensor) -> int:
@@ -596,7 +615,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             self.centres_ = mu
         return steps, exhausted
 
-    def _maybe_spawn(self, rng: np.random.Generator, res: torch.Tensor) -> list[np.ndarray]:
+    def _maybe_spawn(self, rng: np.random.Generator, res: torch.Tensor, res_both: torch.Tensor | None) -> list[np.ndarray]:
         """Turn groups of the recent window that old clusters do not explain into new clusters.
 
         Proposals come from ``spawn_rule`` (:mod:`stream_dec.online.novelty`). Each one
@@ -638,7 +657,12 @@ class StreamDEC(ClusterMixin, BaseEstimator):
                 max_new=max_new, seed=seed,
             )
             proposals = [torch.from_numpy(c.centre).to(dev) for c in cands]
-        d_res_old = self._distances(res)[1].min(1).values if len(res) else None
+        d_res_old = None
+        if len(res):
+            k = self.centres_.shape[0]
+            if res_both is None:
+                res_both = squared_distances(res, torch.cat([self.centres_, self.memory_]))
+            d_res_old = torch.minimum(res_both[:, :k] * self.gate_cur_, res_both[:, k:] * self.gate_).min(1).values
         base_radius = float(torch.quantile(self.radius_[~self.spawned_], 0.25))
         captured_rows = []
         for c in proposals:

@@ -137,8 +137,9 @@ def propose_anchored(
     max_new: int,
     generator: torch.Generator,
     gate: float = 1.0,
-    candidates: int = 64,
+    candidates: int = 48,
     iters: int = 10,
+    max_failures: int = 3,
 ) -> list[torch.Tensor]:
     """New centres for window latents ``z`` with the old clusters held fixed.
 
@@ -150,7 +151,7 @@ def propose_anchored(
     is not. The seed with the largest owned gain Σ (d_old - gate · d)₊ wins (an outlier
     gains only itself, a dense group a lot); gated Lloyd steps then move it to the mean
     of what it owns. A centre that ends up owning fewer than ``min_support`` items is
-    discarded; the search stops after ``max_new`` centres or ``max_new`` discards.
+    discarded; the search stops after ``max_new`` centres or ``max_failures`` discards.
     """
     n = z.shape[0]
     cur = d_old.clone()
@@ -159,7 +160,7 @@ def propose_anchored(
     failures = 0
     # A failed seed (a group too small once its centre settles) does not end the
     # search: other groups may still be there, so draw fresh candidates, a few times.
-    while len(out) < max_new and failures < max_new:
+    while len(out) < max_new and failures < max_failures:
         idx = torch.randperm(n, generator=generator)[: min(n, candidates)].to(z.device)
         nn_idx = squared_distances(z[idx], z).topk(k_nn, dim=1, largest=False).indices  # [c, k]
         seeds = z[nn_idx].mean(1)
