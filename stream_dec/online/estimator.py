@@ -5,13 +5,17 @@ How one online update protects what downstream systems already store:
 * **ids are append-only** (``cluster_ids_``): a cluster keeps its id for life, new
   clusters get fresh ids, nothing is ever renumbered or reused;
 * **two prototypes per id**: the *memory* prototype stays where the id was born (its
-  old items keep their id), the *current* prototype follows the data with small DEC
-  steps under an online-EWC penalty (correct diagonal Fisher) and a distillation term
-  on a reservoir of past latents;
-* **new clusters need evidence** (:mod:`stream_dec.online.novelty`) and must beat the
-  old clusters by a ``margin`` at predict time before they take an item;
-* a **churn guard** measures how many reservoir items an update would relabel and
-  drops new clusters or shrinks the centre step until it is within ``max_churn``.
+  old items keep their id); the *current* prototype follows the data (``centre_rule``:
+  an online-EWC MAP step of a k-means likelihood, or DEC KL gradient steps under the
+  diagonal-Fisher EWC penalty and distillation on the reservoir);
+* **gates**: every prototype that did not exist when an item was labelled (a new
+  cluster, a moved current prototype) has its squared distance inflated by a factor
+  calibrated on the reservoir of remembered items, so it cannot take them;
+* **new clusters need evidence** (:mod:`stream_dec.online.novelty`): a dense group in a
+  window of recent items that the old centres do not explain, with minimum support,
+  persistence over batches and cohesion;
+* a **churn guard** measures how many remembered items an update would relabel and
+  shrinks the centre step or drops new clusters until it is within budget.
 
 The encoder is trained by ``fit`` (reconstruction pretraining, then DEC refinement) and
 frozen online, so an item's latent never changes after ``fit``.

@@ -1,6 +1,6 @@
 """Novelty detection from a window of recent latents: new clusters need evidence.
 
-Two proposal rules (``StreamDEC(spawn_rule=...)``), both checked by the estimator's
+Three proposal rules (``StreamDEC(spawn_rule=...)``), all checked by the estimator's
 acceptance tests afterwards (gate calibrated on remembered items, minimum support,
 persistence over batches, cohesion):
 
@@ -9,6 +9,8 @@ persistence over batches, cohesion):
   most mass unexplained. In high dimension a novel class mostly lies *inside* the
   radius of some old cluster (distances concentrate), so a per-item outlier test sees
   only its fringe; the anchored extension sees the whole group.
+* ``"refit"``: k-means over the window seeded with the old centres plus greedy new
+  seeds; the centres that started new are the proposals.
 * ``"outliers"``: the classic recipe: k-means with k chosen by silhouette over the
   items that lie beyond every cluster's radius, kept when compact, persistent and
   outside existing radii.
