@@ -33,3 +33,7 @@ def fitted(blobs):
     from stream_dec import StreamDEC
 
     return StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"])
+
+
+# Kafka fixtures (embedded broker per module, consume helper) live in conftest_kafka.py.
+from conftest_kafka import broker, kafka_consume  # noqa: E402,F401

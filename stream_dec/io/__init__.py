@@ -1,0 +1,28 @@
+"""Kafka-facing input/output of the service: record codecs and an embedded broker.
+
+Nothing here imports torch, so producers and tooling start fast.
+"""
+
+from stream_dec.io.codecs import (
+    CONTENT_TYPE_FLOAT32,
+    CONTENT_TYPE_JSON,
+    DecodeError,
+    decode_record,
+    dlq_headers,
+    encode_assignment,
+    encode_drift,
+    encode_float32,
+    encode_json,
+)
+
+__all__ = [
+    "CONTENT_TYPE_FLOAT32",
+    "CONTENT_TYPE_JSON",
+    "DecodeError",
+    "decode_record",
+    "dlq_headers",
+    "encode_assignment",
+    "encode_drift",
+    "encode_float32",
+    "encode_json",
+]

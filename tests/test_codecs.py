@@ -1,0 +1,235 @@
+"""Record codecs and the published JSON Schemas: round trips, every rejection reason, schema checks."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import jsonschema
+import numpy as np
+import orjson
+import pytest
+
+from stream_dec.io.codecs import (
+    CONTENT_TYPE_FLOAT32,
+    REASON_HEADER,
+    REASONS,
+    STAGE_DECODE,
+    STAGE_VALIDATE,
+    DecodeError,
+    content_type,
+    decode_record,
+    dlq_headers,
+    dlq_headers_for,
+    encode_assignment,
+    encode_drift,
+    encode_float32,
+    encode_json,
+)
+
+F32 = [("content-type", CONTENT_TYPE_FLOAT32.encode())]
+
+
+def schema(name: str) -> dict:
+    """A schema file as shipped in the package data."""
+    return json.loads(resources.files("stream_dec").joinpath("schemas", f"{name}.schema.json").read_text())
+
+
+def validator(name: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(schema(name))
+
+
+def headers_as_json(headers) -> dict:
+    """Headers as the JSON object dlq-headers.schema.json describes."""
+    return {k: v.decode("utf-8") for k, v in headers}
+
+
+# -- round trips ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [1, 3, 384, 768])
+def test_round_trips_are_bit_exact(dim):
+    rng = np.random.default_rng(dim)
+    vec = (rng.standard_normal(dim) * 10.0 ** rng.integers(-6, 6, dim)).astype(np.float32)
+    item_id, out = decode_record(None, encode_json("item-1", vec), dim=dim)
+    assert item_id == "item-1" and out.dtype == np.float32 and np.array_equal(out, vec)
+    item_id, out = decode_record(b"item-2", encode_float32(vec), F32, dim=dim)
+    assert item_id == "item-2" and out.dtype == np.float32 and out.shape == (dim,) and np.array_equal(out, vec)
+    assert len(encode_float32(vec)) == 4 * dim
+    assert encode_float32(vec.astype(np.float64)) == vec.astype("<f4").tobytes()
+
+
+def test_json_accepts_plain_numbers_extra_fields_and_any_dim():
+    value = b'{"id": "a", "embedding": [1, -2, 3.5e-3], "source": "upstream", "ts": 17}'
+    item_id, vec = decode_record(b"ignored-key", value, [("content-type", b"application/json; charset=utf-8")])
+    assert item_id == "a" and vec.tolist() == [1.0, -2.0, np.float32(3.5e-3)]
+    assert decode_record(None, value, None, dim=None)[1].shape == (3,)
+
+
+def test_content_type_header_lookup():
+    assert content_type(None) is None and content_type([]) is None
+    assert content_type([("trace", b"x"), ("Content-Type", b" Application/X-Float32 ; v=1")]) == CONTENT_TYPE_FLOAT32
+    assert decode_record(b"k", encode_float32([1.0, 2.0]), [("Content-Type", b"application/x-float32")])[0] == "k"
+
+
+# -- every rejection reason ------------------------------------------------------------
+
+GOOD = encode_float32(np.ones(4))
+REJECT = [
+    # (reason, key, value, headers, dim, max_bytes)
+    ("null_value", b"k", None, None, 4, 1024),
+    ("too_large", b"k", encode_json("a", np.ones(100)), None, None, 256),
+    ("too_large", b"k", encode_float32(np.ones(100)), F32, None, 256),
+    ("unsupported_content_type", b"k", b"{}", [("content-type", b"text/plain")], None, 1024),
+    ("bad_json", None, b'{"id": "a", "embedding": [1, 2', None, None, 1024),
+    ("bad_json", None, b"\xff\xfe{}", None, None, 1024),
+    ("bad_json", None, b'{"id": "a", "embedding": [NaN, 1]}', None, None, 1024),
+    ("bad_json", None, b'{"id": "a", "embedding": [1e400]}', None, None, 1024),
+    ("bad_json", None, b"", None, None, 1024),
+    ("not_object", None, b"[1, 2, 3]", None, None, 1024),
+    ("not_object", None, b'"just a string"', None, None, 1024),
+    ("missing_id", None, b'{"embedding": [1, 2]}', None, None, 1024),
+    ("bad_id", None, b'{"id": 17, "embedding": [1, 2]}', None, None, 1024),
+    ("bad_id", None, b'{"id": "", "embedding": [1, 2]}', None, None, 1024),
+    ("bad_id", None, b'{"id": null, "embedding": [1, 2]}', None, None, 1024),
+    ("missing_embedding", None, b'{"id": "a"}', None, None, 1024),
+    ("bad_embedding", None, b'{"id": "a", "embedding": "1,2"}', None, None, 1024),
+    ("bad_embedding", None, b'{"id": "a", "embedding": {"x": 1}}', None, None, 1024),
+    ("bad_embedding", None, b'{"id": "a", "embedding": ["1", 2]}', None, None, 1024),
+    ("bad_embedding", None, b'{"id": "a", "embedding": [null, 2]}', None, None, 1024),
+    ("bad_embedding", None, b'{"id": "a", "embedding": [true, false]}', None, None, 1024),
+    ("bad_embedding", None, b'{"id": "a", "embedding": [[1, 2], [3, 4]]}', None, None, 1024),
+    ("bad_embedding", None, b'{"id": "a", "embedding": [[1], 2]}', None, None, 1024),
+    ("missing_key", None, GOOD, F32, 4, 1024),
+    ("missing_key", b"", GOOD, F32, 4, 1024),
+    ("bad_key", b"\xff\xfe", GOOD, F32, 4, 1024),
+    ("bad_length", b"k", GOOD[:-1], F32, None, 1024),
+    ("empty", None, b'{"id": "a", "embedding": []}', None, None, 1024),
+    ("empty", b"k", b"", F32, None, 1024),
+    ("wrong_dimension", None, b'{"id": "a", "embedding": [1, 2, 3]}', None, 4, 1024),
+    ("wrong_dimension", b"k", encode_float32(np.ones(5)), F32, 4, 1024),
+    ("non_finite", b"k", np.array([1, np.nan, 2, 3], "<f4").tobytes(), F32, 4, 1024),
+    ("non_finite", b"k", np.array([1, np.inf, 2, -np.inf], "<f4").tobytes(), F32, 4, 1024),
+    ("non_finite", None, b'{"id": "a", "embedding": [1e39, 0, 0, 0]}', None, 4, 1024),  # finite JSON, inf as float32
+]
+
+
+@pytest.mark.parametrize("reason,key,value,headers,dim,max_bytes", REJECT, ids=[f"{c[0]}-{i}" for i, c in enumerate(REJECT)])
+def test_rejection(reason, key, value, headers, dim, max_bytes):
+    with pytest.raises(DecodeError) as info:
+        decode_record(key, value, headers, dim=dim, max_bytes=max_bytes)
+    err = info.value
+    assert err.reason == reason and err.stage == REASONS[reason][0] and err.detail
+    assert str(err) == f"{reason}: {err.detail}" and isinstance(err, ValueError)
+
+
+def test_every_reason_is_tested_and_stages_are_known():
+    assert {c[0] for c in REJECT} == set(REASONS)
+    assert {stage for stage, _ in REASONS.values()} == {STAGE_DECODE, STAGE_VALIDATE}
+
+
+def test_decode_error_pickles():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(DecodeError("validate", "empty", "0 values")))
+    assert (err.stage, err.reason, err.detail) == ("validate", "empty", "0 values")
+
+
+def test_encoders_refuse_non_vectors():
+    with pytest.raises(ValueError, match="1-d"):
+        encode_float32(np.ones((2, 2)))
+    with pytest.raises(ValueError, match="1-d"):
+        encode_json("a", 3.0)
+
+
+# -- output records and the schemas ------------------------------------------------------
+
+
+def test_schemas_are_valid_draft_2020_12():
+    for name in ("input", "assignment", "drift", "dlq-headers"):
+        s = schema(name)
+        assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        jsonschema.Draft202012Validator.check_schema(s)
+
+
+def test_input_schema():
+    v = validator("input")
+    v.validate(orjson.loads(encode_json("doc-1", np.arange(5, dtype=np.float32))))
+    for bad in ({"embedding": [1.0]}, {"id": "a", "embedding": []}, {"id": "", "embedding": [1.0]}, {"id": "a", "embedding": ["1"]}, [1.0]):
+        assert not v.is_valid(bad), bad
+
+
+def test_assignment_record():
+    raw = encode_assignment("doc-1", np.int64(3), np.float32(0.875), 2, "embeddings", 1, 41, source_timestamp_ms=1700000000000)
+    rec = orjson.loads(raw)
+    assert rec == {
+        "kind": "assignment", "id": "doc-1", "cluster": 3, "confidence": 0.875, "model_version": 2,
+        "topic": "embeddings", "partition": 1, "offset": 41, "source_timestamp_ms": 1700000000000,
+    }  # fmt: skip
+    v = validator("assignment")
+    v.validate(rec)
+    for field, bad in (("cluster", -1), ("confidence", 1.5), ("kind", "drift"), ("offset", "41"), ("id", "")):
+        assert not v.is_valid({**rec, field: bad}), field
+    assert not v.is_valid({k: val for k, val in rec.items() if k != "model_version"})
+    with pytest.raises(ValueError, match="may not replace"):
+        encode_assignment("doc-1", 3, 0.5, 2, "embeddings", 1, 41, kind="other")
+
+
+def test_drift_record_from_a_real_report():
+    from stream_dec.online.report import DriftReport
+
+    report = DriftReport(
+        model_version=5, n_items=1024, steps=3, update_ms=41.5, churn=0.0012, centre_shift=0.03,
+        novelty_rate=0.02, new_cluster_ids=[7, 8], n_clusters=9, buffer_size=12, guard_action="shrunk",
+    )  # fmt: skip
+    rec = orjson.loads(encode_drift(report, topic="embeddings", offset_ranges={1: (10, 520), 0: (0, 511)}, batch=17))
+    assert rec["kind"] == "drift" and rec["new_cluster_ids"] == [7, 8] and rec["n_clusters"] == 9 and rec["batch"] == 17
+    assert rec["offset_ranges"] == [
+        {"partition": 0, "first_offset": 0, "last_offset": 511},
+        {"partition": 1, "first_offset": 10, "last_offset": 520},
+    ]
+    assert (rec["churn"], rec["guard_action"], rec["budget_exhausted"], rec["model_version"]) == (0.0012, "shrunk", False, 5)
+    v = validator("drift")
+    v.validate(rec)
+    for field, bad in (("churn", 1.5), ("new_cluster_ids", [3, 3]), ("n_items", -1), ("offset_ranges", [{"partition": 0}])):
+        assert not v.is_valid({**rec, field: bad}), field
+
+    # A mapping works too; undefined metrics become null and still validate.
+    d = {**report.to_dict(), "centre_shift": float("nan"), "update_ms": float("inf")}
+    rec2 = orjson.loads(encode_drift(d, topic="embeddings", offset_ranges={}))
+    assert rec2["centre_shift"] is None and rec2["update_ms"] is None and rec2["offset_ranges"] == []
+    v.validate(rec2)
+    with pytest.raises(ValueError, match="lacks churn"):
+        encode_drift({k: val for k, val in d.items() if k != "churn"}, topic="t", offset_ranges={})
+
+
+def test_dlq_headers():
+    original = [("content-type", b"application/json"), ("traceparent", b"00-abc-01"), ("__connect.errors.stage", b"stale")]
+    err = DecodeError("validate", "wrong_dimension", "expected 384 values, got 768")
+    headers = dlq_headers_for(err, original, "embeddings", 2, 12345)
+    assert headers[:2] == original[:2]  # originals kept, in order; stale error headers replaced
+    assert all(isinstance(k, str) and isinstance(v, bytes) for k, v in headers)
+    h = headers_as_json(headers)
+    assert len([k for k, _ in headers if k == "__connect.errors.stage"]) == 1
+    assert h["__connect.errors.topic"] == "embeddings" and h["__connect.errors.partition"] == "2" and h["__connect.errors.offset"] == "12345"
+    assert h["__connect.errors.stage"] == "validate" and h[REASON_HEADER] == "wrong_dimension"
+    assert h["__connect.errors.exception.class.name"] == "stream_dec.io.codecs.DecodeError"
+    assert h["__connect.errors.exception.message"] == "wrong_dimension: expected 384 values, got 768"
+    validator("dlq-headers").validate(h)
+
+    long = dlq_headers(None, "t", 0, 0, "decode", "bad_json", "x" * 5000)
+    assert len(headers_as_json(long)["__connect.errors.exception.message"]) <= 520
+
+    v = validator("dlq-headers")
+    assert not v.is_valid({k: val for k, val in h.items() if k != "__connect.errors.offset"})
+    assert not v.is_valid({**h, "__connect.errors.partition": "-1"})
+    assert not v.is_valid({**h, REASON_HEADER: "made_up"})
+
+
+def test_dlq_schema_lists_every_reason_and_stage():
+    props = schema("dlq-headers")["properties"]
+    assert set(props[REASON_HEADER]["enum"]) == set(REASONS)
+    assert set(props["__connect.errors.stage"]["enum"]) == {STAGE_DECODE, STAGE_VALIDATE}
+    v = validator("dlq-headers")
+    for reason, (stage, _) in REASONS.items():
+        v.validate(headers_as_json(dlq_headers([], "embeddings", 0, 1, stage, reason, "detail")))

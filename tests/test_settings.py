@@ -1,0 +1,176 @@
+"""Service settings: environment, .env file, overrides, and error messages that name the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stream_dec.settings import Settings, SettingsError, env_name, known_env_names, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """No STREAM_DEC_* variables from the caller and no ./.env: each test sets its own."""
+    for key in list(os.environ):
+        if key.upper().startswith("STREAM_DEC_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_defaults():
+    s = load_settings()
+    assert s.kafka.bootstrap_servers == "localhost:9092" and s.kafka.bootstrap_list == ["localhost:9092"]
+    assert (s.kafka.group_id, s.kafka.input_topic, s.kafka.output_topic, s.kafka.dlq_topic) == ("stream-dec", "embeddings", "labels", "embeddings.dlq")
+    assert s.kafka.processing_guarantee == "at_least_once"
+    assert s.kafka.heartbeat_interval_ms < s.kafka.session_timeout_ms <= s.kafka.max_poll_interval_ms
+    assert (s.batch.max_size, s.batch.max_wait_ms) == (1024, 500)
+    assert (s.checkpoint.dir, s.checkpoint.interval_batches, s.checkpoint.keep) == (Path("checkpoints"), 10, 3)
+    assert (s.metrics.port, s.model.device, s.log_level) == (9400, "auto", "INFO")
+    assert s.update.max_steps >= 0 and s.update.max_ms > 0
+
+
+# Every variable DESIGN.md §3 fixes, plus the ones this layer adds.
+ENV_CASES = [
+    ("STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS", "b1:9092, b2:9093", ("kafka", "bootstrap_servers"), "b1:9092,b2:9093"),
+    ("STREAM_DEC_KAFKA__GROUP_ID", "grp", ("kafka", "group_id"), "grp"),
+    ("STREAM_DEC_KAFKA__INPUT_TOPIC", "in.t", ("kafka", "input_topic"), "in.t"),
+    ("STREAM_DEC_KAFKA__OUTPUT_TOPIC", "out_t", ("kafka", "output_topic"), "out_t"),
+    ("STREAM_DEC_KAFKA__DLQ_TOPIC", "dead-letters", ("kafka", "dlq_topic"), "dead-letters"),
+    ("STREAM_DEC_KAFKA__CLIENT_ID", "svc-1", ("kafka", "client_id"), "svc-1"),
+    ("STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS", "6000", ("kafka", "session_timeout_ms"), 6000),
+    ("STREAM_DEC_KAFKA__HEARTBEAT_INTERVAL_MS", "1000", ("kafka", "heartbeat_interval_ms"), 1000),
+    ("STREAM_DEC_KAFKA__MAX_POLL_INTERVAL_MS", "60000", ("kafka", "max_poll_interval_ms"), 60000),
+    ("STREAM_DEC_KAFKA__PROCESSING_GUARANTEE", "Exactly-Once", ("kafka", "processing_guarantee"), "exactly_once"),
+    ("STREAM_DEC_KAFKA__MAX_RECORD_BYTES", "65536", ("kafka", "max_record_bytes"), 65536),
+    ("STREAM_DEC_BATCH__MAX_SIZE", "256", ("batch", "max_size"), 256),
+    ("STREAM_DEC_BATCH__MAX_WAIT_MS", "50", ("batch", "max_wait_ms"), 50),
+    ("STREAM_DEC_UPDATE__MAX_STEPS", "0", ("update", "max_steps"), 0),
+    ("STREAM_DEC_UPDATE__MAX_MS", "12.5", ("update", "max_ms"), 12.5),
+    ("STREAM_DEC_CHECKPOINT__DIR", "/var/lib/sdec", ("checkpoint", "dir"), Path("/var/lib/sdec")),
+    ("STREAM_DEC_CHECKPOINT__INTERVAL_BATCHES", "4", ("checkpoint", "interval_batches"), 4),
+    ("STREAM_DEC_CHECKPOINT__KEEP", "7", ("checkpoint", "keep"), 7),
+    ("STREAM_DEC_METRICS__PORT", "0", ("metrics", "port"), 0),
+    ("STREAM_DEC_METRICS__HOST", "127.0.0.1", ("metrics", "host"), "127.0.0.1"),
+    ("STREAM_DEC_MODEL__DEVICE", "CUDA:1", ("model", "device"), "cuda:1"),
+    ("STREAM_DEC_LOG_LEVEL", "debug", ("log_level",), "DEBUG"),
+]
+
+
+def _get(settings: Settings, path: tuple[str, ...]):
+    obj = settings
+    for part in path:
+        obj = getattr(obj, part)
+    return obj
+
+
+@pytest.mark.parametrize("name,raw,path,expected", ENV_CASES, ids=[c[0] for c in ENV_CASES])
+def test_every_env_name(monkeypatch, name, raw, path, expected):
+    monkeypatch.setenv(name, raw)
+    assert env_name(*path) == name
+    assert _get(load_settings(), path) == expected
+
+
+def test_the_env_cases_cover_every_setting():
+    assert sorted(c[0] for c in ENV_CASES) == sorted(known_env_names())
+
+
+def test_env_names_are_case_insensitive_and_json_groups_work(monkeypatch):
+    monkeypatch.setenv("stream_dec_batch__max_size", "9")
+    monkeypatch.setenv("STREAM_DEC_CHECKPOINT", '{"keep": 5, "interval_batches": 2}')
+    s = load_settings()
+    assert s.batch.max_size == 9 and (s.checkpoint.keep, s.checkpoint.interval_batches) == (5, 2)
+
+
+def test_dotenv_file_precedence_and_unrelated_lines(monkeypatch, tmp_path):
+    # A .env shared with docker compose holds unrelated variables: they are ignored.
+    (tmp_path / ".env").write_text(
+        "# settings for the service\nCOMPOSE_PROJECT_NAME=demo\nSTREAM_DEC_BATCH__MAX_SIZE=64\nSTREAM_DEC_KAFKA__GROUP_ID=from-dotenv\nSTREAM_DEC_METRICS__PORT=9500\n"
+    )
+    s = load_settings()  # ./.env is read by default
+    assert (s.batch.max_size, s.kafka.group_id, s.metrics.port) == (64, "from-dotenv", 9500)
+
+    monkeypatch.setenv("STREAM_DEC_BATCH__MAX_SIZE", "128")  # environment beats .env
+    s = load_settings(kafka={"group_id": "from-flag", "input_topic": None}, metrics__port=0)  # overrides beat both
+    assert (s.batch.max_size, s.kafka.group_id, s.metrics.port) == (128, "from-flag", 0)
+    assert s.kafka.input_topic == "embeddings"  # a None override (unset CLI flag) falls through
+
+    other = tmp_path / "prod.env"
+    other.write_text("STREAM_DEC_CHECKPOINT__KEEP=9\n")
+    s = load_settings(env_file=other)  # an explicit file replaces ./.env
+    assert s.checkpoint.keep == 9 and s.batch.max_size == 128 and s.kafka.group_id == "stream-dec"
+
+
+def test_missing_env_file_is_an_error(tmp_path):
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(env_file=tmp_path / "nope.env")
+
+
+INVALID = [
+    ("STREAM_DEC_BATCH__MAX_SIZE", "0", "greater than 0"),
+    ("STREAM_DEC_BATCH__MAX_SIZE", "many", "valid integer"),
+    ("STREAM_DEC_BATCH__MAX_WAIT_MS", "-1", "greater than or equal to 0"),
+    ("STREAM_DEC_UPDATE__MAX_STEPS", "-2", "greater than or equal to 0"),
+    ("STREAM_DEC_UPDATE__MAX_MS", "0", "greater than 0"),
+    ("STREAM_DEC_CHECKPOINT__INTERVAL_BATCHES", "0", "greater than 0"),
+    ("STREAM_DEC_CHECKPOINT__KEEP", "0", "greater than or equal to 1"),
+    ("STREAM_DEC_CHECKPOINT__DIR", " ", "must not be empty"),
+    ("STREAM_DEC_METRICS__PORT", "65536", "less than or equal to 65535"),
+    ("STREAM_DEC_METRICS__PORT", "-1", "greater than or equal to 0"),
+    ("STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS", "", "host:port"),
+    ("STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS", "localhost", "host:port"),
+    ("STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS", "a:9092,,b:9092", "host:port"),
+    ("STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS", "a:99999", "port in 1-65535"),
+    ("STREAM_DEC_KAFKA__GROUP_ID", "  ", "must not be empty"),
+    ("STREAM_DEC_KAFKA__INPUT_TOPIC", "", "legal Kafka topic name"),
+    ("STREAM_DEC_KAFKA__INPUT_TOPIC", "has space", "legal Kafka topic name"),
+    ("STREAM_DEC_KAFKA__OUTPUT_TOPIC", "..", "legal Kafka topic name"),
+    ("STREAM_DEC_KAFKA__OUTPUT_TOPIC", "embeddings", "must differ from STREAM_DEC_KAFKA__INPUT_TOPIC"),
+    ("STREAM_DEC_KAFKA__DLQ_TOPIC", "labels", "must differ from STREAM_DEC_KAFKA__OUTPUT_TOPIC"),
+    ("STREAM_DEC_KAFKA__DLQ_TOPIC", "embeddings", "must differ from STREAM_DEC_KAFKA__INPUT_TOPIC"),
+    ("STREAM_DEC_KAFKA__HEARTBEAT_INTERVAL_MS", "10000", "less than STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS"),
+    ("STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS", "10", "greater than or equal to 1000"),
+    ("STREAM_DEC_KAFKA__MAX_RECORD_BYTES", "0", "greater than 0"),
+    ("STREAM_DEC_KAFKA__PROCESSING_GUARANTEE", "best_effort", "'at_least_once' or 'exactly_once'"),
+    ("STREAM_DEC_MODEL__DEVICE", "tpu", '"auto", "cpu"'),
+    ("STREAM_DEC_LOG_LEVEL", "chatty", "'DEBUG', 'INFO'"),
+    ("STREAM_DEC_BATCH__MAXSIZE", "5", "unknown setting (did you mean STREAM_DEC_BATCH__MAX_SIZE?)"),
+    ("STREAM_DEC_LOGLEVEL", "INFO", "unknown setting (did you mean STREAM_DEC_LOG_LEVEL?)"),
+    ("STREAM_DEC_KAFAK__GROUP_ID", "x", "unknown setting (did you mean STREAM_DEC_KAFKA__GROUP_ID?)"),
+]
+
+
+@pytest.mark.parametrize("name,raw,what", INVALID, ids=[f"{n}={r!r}" for n, r, _ in INVALID])
+def test_invalid_setting_names_the_variable(monkeypatch, name, raw, what):
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    msg = str(info.value)
+    assert f"{name}: " in msg and what in msg, msg
+    assert [n for n, _ in info.value.problems] == [name]
+
+
+def test_all_problems_are_reported_at_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("STREAM_DEC_BATCH__MAX_SIZE", "0")
+    monkeypatch.setenv("STREAM_DEC_METRICS__PORT", "70000")
+    (tmp_path / ".env").write_text("STREAM_DEC_CHECKPOINT__KEEP=0\nSTREAM_DEC_TYPO=1\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    names = {n for n, _ in info.value.problems}
+    assert names == {"STREAM_DEC_BATCH__MAX_SIZE", "STREAM_DEC_METRICS__PORT", "STREAM_DEC_CHECKPOINT__KEEP", "STREAM_DEC_TYPO"}
+    assert str(info.value).startswith("invalid settings (4 problems):")
+    assert isinstance(info.value, ValueError)  # the CLI turns ValueError into exit code 2
+
+
+def test_invalid_override_names_the_variable():
+    with pytest.raises(SettingsError) as info:
+        load_settings(batch={"max_size": -5}, bogus=1)
+    assert {n for n, _ in info.value.problems} == {"STREAM_DEC_BATCH__MAX_SIZE", "STREAM_DEC_BOGUS"}
+
+
+def test_no_torch_import():
+    code = "import sys, stream_dec.settings, stream_dec.io.codecs, stream_dec.io.broker; assert 'torch' not in sys.modules, 'torch loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
