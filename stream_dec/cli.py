@@ -210,6 +210,34 @@ def _cmd_produce(args: argparse.Namespace) -> int:
     return 130 if interrupted else 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from stream_dec.settings import load_settings
+
+    settings = load_settings(
+        env_file=args.env_file,
+        kafka__bootstrap_servers=args.bootstrap_servers,
+        kafka__group_id=args.group_id,
+        kafka__input_topic=args.input_topic,
+        kafka__output_topic=args.output_topic,
+        kafka__dlq_topic=args.dlq_topic,
+        batch__max_size=args.batch_size,
+        batch__max_wait_ms=args.max_wait_ms,
+        checkpoint__dir=args.checkpoint_dir,
+        metrics__port=args.metrics_port,
+    )
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from stream_dec.service import NoCheckpointError, StreamService
+
+    try:
+        service = StreamService(settings)
+    except NoCheckpointError as exc:
+        print(f"stream-dec run: error: {exc}", file=sys.stderr)
+        return 2
+    return service.run(max_idle_s=args.exit_when_idle)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``stream-dec`` (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(prog="stream-dec", description="Streaming Deep Embedded Clustering with stable cluster ids.")
@@ -233,6 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--key", default="X", help="array name inside a .npz (default X)")
     e.add_argument("--labels-key", default="y", help="labels array inside a .npz, used only to score (default y)")
     e.set_defaults(func=_cmd_evaluate)
+
+    r = sub.add_parser("run", help="the Kafka service: label, learn, publish, checkpoint (settings from STREAM_DEC_* / .env)")
+    r.add_argument("--env-file", default=None, help="settings file (default: ./.env when it exists)")
+    r.add_argument("--bootstrap-servers", default=None, help="overrides STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS")
+    r.add_argument("--group-id", default=None, help="overrides STREAM_DEC_KAFKA__GROUP_ID")
+    r.add_argument("--input-topic", default=None, help="overrides STREAM_DEC_KAFKA__INPUT_TOPIC")
+    r.add_argument("--output-topic", default=None, help="overrides STREAM_DEC_KAFKA__OUTPUT_TOPIC")
+    r.add_argument("--dlq-topic", default=None, help="overrides STREAM_DEC_KAFKA__DLQ_TOPIC")
+    r.add_argument("--batch-size", type=int, default=None, help="overrides STREAM_DEC_BATCH__MAX_SIZE")
+    r.add_argument("--max-wait-ms", type=int, default=None, help="overrides STREAM_DEC_BATCH__MAX_WAIT_MS")
+    r.add_argument("--checkpoint-dir", default=None, help="overrides STREAM_DEC_CHECKPOINT__DIR")
+    r.add_argument("--metrics-port", type=int, default=None, help="overrides STREAM_DEC_METRICS__PORT (0 = off)")
+    r.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS", help="stop after this long without records (batch jobs, tests)")
+    r.set_defaults(func=_cmd_run)
 
     i = sub.add_parser("inspect", help="print what a checkpoint holds")
     i.add_argument("--checkpoint", required=True, help="checkpoint file, or a directory (newest valid one)")

@@ -199,3 +199,11 @@ def test_cluster_cap_is_respected(blobs):
     for t in range(15):
         m.partial_fit(X[y >= 3][t * 80 : t * 80 + 80])
     assert m.n_clusters_ <= 5
+
+
+def test_predict_with_confidence_matches_predict_and_proba(fitted, blobs):
+    X = blobs["X"][:200]
+    ids, conf = fitted.predict_with_confidence(X)
+    P = fitted.predict_proba(X)
+    assert np.array_equal(ids, fitted.predict(X))
+    assert np.allclose(conf, P[np.arange(len(X)), np.searchsorted(fitted.cluster_ids_, ids)], atol=1e-6)

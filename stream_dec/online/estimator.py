@@ -387,6 +387,19 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         out = [soft_assignment(self._distances(z[i : i + _PREDICT_CHUNK])[1], self.alpha) for i in range(0, z.shape[0], _PREDICT_CHUNK)]
         return torch.cat(out).cpu().numpy()
 
+    def predict_with_confidence(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, confidence)`` in one pass: the id of every row and its soft-assignment weight."""
+        self._check_fitted()
+        z = self._encode(self._prepare(X))
+        ids, conf = [], []
+        for i in range(0, z.shape[0], _PREDICT_CHUNK):
+            d = self._distances(z[i : i + _PREDICT_CHUNK])[1]
+            q = soft_assignment(d, self.alpha)
+            best = d.argmin(1)
+            ids.append(best)
+            conf.append(q.gather(1, best[:, None]).squeeze(1))
+        return self.cluster_ids_[torch.cat(ids).cpu().numpy()], torch.cat(conf).cpu().numpy()
+
     def transform(self, X) -> np.ndarray:
         """Latent codes of ``X``."""
         self._check_fitted()

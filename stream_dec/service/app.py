@@ -1,0 +1,446 @@
+"""The Kafka service: poll, decode, micro-batch, label, learn, publish, checkpoint, commit.
+
+Delivery is at-least-once: a batch's offsets are committed only after its outputs
+(assignments, drift record, dead letters) are acknowledged by the broker. The model
+state and the consumed offsets travel together in each checkpoint; on start and on
+every partition assignment the service seeks to the checkpoint's offsets, so the model
+never sees a record twice or misses one. Batch boundaries are journaled next to the
+checkpoints, so records re-read after a crash are cut into the same batches and the
+(deterministic) model gives the same labels: duplicates are exact copies.
+
+One model per consumer group: the group uses an assignor that gives every input
+partition to one member; other members are hot standbys that take over (reloading the
+newest checkpoint) when the owner leaves.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.coordinator.assignors.abstract import (
+    AbstractPartitionAssignor,
+    ConsumerProtocolAssignment,
+    ConsumerProtocolSubscription,
+)
+from kafka.structs import OffsetAndMetadata
+
+from stream_dec.io.codecs import DecodeError, decode_record, dlq_headers_for, encode_assignment, encode_drift
+from stream_dec.service.metrics import MetricsServer, ServiceMetrics
+from stream_dec.settings import Settings
+
+log = logging.getLogger("stream_dec.service")
+
+JOURNAL = "batches.jsonl"
+
+
+class NoCheckpointError(RuntimeError):
+    """The checkpoint directory holds no usable checkpoint (run ``stream-dec train`` first)."""
+
+
+class AllToOneAssignor(AbstractPartitionAssignor):
+    """Every partition to one member (the lowest member id); the others stand by.
+
+    A second instance in the group must not grow a second model that hands out
+    conflicting ids for the same stream; with this assignor it idles until the owner
+    leaves, then takes over from the newest checkpoint.
+    """
+
+    name = "stream-dec-all-to-one"
+    version = 0
+
+    @classmethod
+    def assign(cls, cluster, members):
+        """Map every subscribed partition to the first member by member id."""
+        owner = min(m.member_id for m in members)
+        topics = sorted({t for m in members for t in m.metadata.topics})
+        owned = [(t, sorted(cluster.partitions_for_topic(t) or [])) for t in topics]
+        return {
+            m.member_id: ConsumerProtocolAssignment(cls.version, owned if m.member_id == owner else [], b"")
+            for m in members
+        }
+
+    @classmethod
+    def metadata(cls, topics):
+        """Subscription metadata: just the topics."""
+        return ConsumerProtocolSubscription(cls.version, list(topics), b"")
+
+    @classmethod
+    def on_assignment(cls, assignment, generation):
+        """Nothing to remember between generations."""
+
+
+@dataclass
+class _Pending:
+    """Records polled but not yet processed, in arrival order."""
+
+    records: list = field(default_factory=list)
+    since: float = 0.0
+
+
+class StreamService:
+    """One running instance of ``stream-dec run``."""
+
+    def __init__(self, settings: Settings, model: Any | None = None):
+        self.settings = settings
+        self.ckpt_dir = Path(settings.checkpoint.dir)
+        self.metrics = ServiceMetrics()
+        self.model = model if model is not None else self._load_newest()
+        self.offsets: dict[int, int] = self._checkpoint_offsets(self.model)
+        self.replay: collections.deque[dict[int, int]] = collections.deque()
+        self._stop = threading.Event()
+        self._batches_since_ckpt = 0
+        self._pending = _Pending()
+        self.consumer: KafkaConsumer | None = None
+        self.producer: KafkaProducer | None = None
+        self.server: MetricsServer | None = None
+        self.processed_batches = 0
+        self._last_activity = 0.0
+        self._committed: dict[int, int] = {}
+        self._in_callback = False
+        self._update_model_gauges()
+
+    # ------------------------------------------------------------ model and checkpoints
+    def _load_newest(self):
+        from stream_dec import CheckpointError, StreamDEC
+
+        try:
+            model = StreamDEC.load(self.ckpt_dir, device=self.settings.model.device)
+        except CheckpointError as exc:
+            raise NoCheckpointError(
+                f"no usable checkpoint in {self.ckpt_dir} ({exc}); create one with "
+                f"`stream-dec train --data FILE --n-clusters K --checkpoint-dir {self.ckpt_dir}`"
+            ) from None
+        model.set_params(online_steps=self.settings.update.max_steps, max_update_ms=self.settings.update.max_ms, verbose=False)
+        log.info("loaded %s (model version %d, %d clusters)", model.checkpoint_path_, model.version_, model.n_clusters_)
+        return model
+
+    def _checkpoint_offsets(self, model) -> dict[int, int]:
+        extra = getattr(model, "checkpoint_extra_", {}) or {}
+        by_topic = extra.get("offsets", {})
+        return {int(p): int(o) for p, o in by_topic.get(self.settings.kafka.input_topic, {}).items()}
+
+    def _load_journal(self) -> None:
+        """Batch boundaries written after the loaded checkpoint, to replay them exactly."""
+        self.replay.clear()
+        path = self.ckpt_dir / JOURNAL
+        if not path.exists():
+            return
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a torn last line from a crash mid-write
+            if entry.get("version", -1) > self.model.version_:
+                self.replay.append({int(p): int(o) for p, o in entry["end"].items()})
+
+    def _journal(self, end: dict[int, int]) -> None:
+        with open(self.ckpt_dir / JOURNAL, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"version": int(self.model.version_), "end": {str(p): o for p, o in end.items()}}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def checkpoint(self) -> None:
+        """Write the model with the next offset of every input partition."""
+        t0 = time.perf_counter()
+        extra = {"offsets": {self.settings.kafka.input_topic: {str(p): o for p, o in self.offsets.items()}}}
+        try:
+            self.model.save(self.ckpt_dir, extra=extra, keep=self.settings.checkpoint.keep)
+        except OSError:
+            self.metrics.ckpt_failures.inc()
+            log.exception("checkpoint failed")
+            return
+        # Entries up to this version are inside the checkpoint now.
+        (self.ckpt_dir / JOURNAL).write_text("")
+        self._batches_since_ckpt = 0
+        self.metrics.checkpoint_written(time.perf_counter() - t0)
+
+    # ------------------------------------------------------------ Kafka plumbing
+    def _connect(self) -> None:
+        k = self.settings.kafka
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=k.bootstrap_list,
+            group_id=k.group_id,
+            client_id=k.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_poll_interval_ms=k.max_poll_interval_ms,
+            max_poll_records=self.settings.batch.max_size,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=max(k.max_record_bytes * 2, 8 * 1024 * 1024),
+            partition_assignment_strategy=[AllToOneAssignor],
+        )
+        self.producer = KafkaProducer(
+            bootstrap_servers=k.bootstrap_list,
+            client_id=k.client_id,
+            acks="all",
+            linger_ms=5,
+            batch_size=1024 * 1024,
+            max_request_size=max(k.max_record_bytes * 2, 4 * 1024 * 1024),
+        )
+        self.consumer.subscribe([k.input_topic], listener=_Rebalance(self))
+
+    def _on_assigned(self, partitions: list[TopicPartition]) -> None:
+        self.metrics.assigned.set(len(partitions))
+        self._last_activity = time.monotonic()
+        if not partitions:
+            log.info("standby: another instance of group %s owns the input partitions", self.settings.kafka.group_id)
+            return
+        # Another instance may have moved on since this one loaded: resume from the newest state.
+        from stream_dec import CheckpointError, StreamDEC
+
+        try:
+            newest = StreamDEC.load(self.ckpt_dir, device=self.settings.model.device)
+            if newest.version_ > self.model.version_:
+                newest.set_params(online_steps=self.settings.update.max_steps, max_update_ms=self.settings.update.max_ms, verbose=False)
+                self.model = newest
+                self.offsets = self._checkpoint_offsets(newest)
+        except CheckpointError:
+            pass
+        self._load_journal()
+        for tp in partitions:
+            if tp.partition in self.offsets:
+                self.consumer.seek(tp, self.offsets[tp.partition])
+        log.info("assigned %s; resuming at %s", [tp.partition for tp in partitions], self.offsets or "committed/earliest offsets")
+
+    def _on_revoked(self, partitions: list[TopicPartition]) -> None:
+        # Runs on the client's IO thread (kafka-python 3): no blocking consumer calls here,
+        # so the commit is asynchronous. On our own shutdown everything is already done.
+        if partitions and (self._pending.records or self.offsets != self._committed):
+            self._in_callback = True
+            try:
+                self._flush_pending()
+                self.checkpoint()
+                self._commit()
+            finally:
+                self._in_callback = False
+        self.metrics.assigned.set(0)
+
+    def _commit(self) -> None:
+        if not self.offsets or self.consumer is None:
+            return
+        topic = self.settings.kafka.input_topic
+        assigned = {tp.partition for tp in self.consumer.assignment()}
+        offsets = {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in self.offsets.items() if p in assigned}
+        if not offsets:
+            return
+        if self._in_callback:
+            self.consumer.commit_async(offsets)
+        else:
+            self.consumer.commit(offsets)
+        self._committed = dict(self.offsets)
+
+    # ------------------------------------------------------------ the loop
+    def stop(self, *_args) -> None:
+        """Ask the loop to finish its batch, checkpoint, commit and exit."""
+        self._stop.set()
+
+    def run(self, *, max_idle_s: float | None = None, install_signals: bool = True) -> int:
+        """Run until :meth:`stop` (SIGTERM/SIGINT) or ``max_idle_s`` without records; returns 0."""
+        if install_signals and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        m = self.settings.metrics
+        if m.port:
+            self.server = MetricsServer(self.metrics, m.host, m.port, stale_after_s=max(30.0, 3 * self.settings.batch.max_wait_ms / 1000)).start()
+            log.info("metrics on http://%s:%d/metrics", m.host, self.server.port)
+        self._connect()
+        try:
+            while not self._stop.is_set():
+                self.metrics.loop_alive()
+                if self._poll():
+                    self._last_activity = time.monotonic()
+                self._maybe_process()
+                idle = time.monotonic() - self._last_activity
+                # The idle clock starts at the first partition assignment: a group join
+                # alone takes about half the session timeout.
+                if max_idle_s is not None and self._last_activity and not self._pending.records and idle > max_idle_s:
+                    log.info("no records for %.1fs: stopping", max_idle_s)
+                    break
+            self._flush_pending()
+            self.checkpoint()
+            self._commit()
+        finally:
+            self.close()
+        return 0
+
+    def close(self) -> None:
+        """Close clients and the metrics server (idempotent)."""
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
+            self.consumer = None
+        if self.producer is not None:
+            self.producer.flush()
+            self.producer.close()
+            self.producer = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def _poll(self) -> int:
+        wait_ms = self.settings.batch.max_wait_ms
+        if self._pending.records:
+            wait_ms = max(0, int(wait_ms - (time.monotonic() - self._pending.since) * 1000))
+        room = self.settings.batch.max_size - len(self._pending.records)
+        polled = self.consumer.poll(timeout_ms=min(wait_ms, 200) if wait_ms else 0, max_records=max(1, room))
+        n = 0
+        for records in polled.values():
+            if not self._pending.records and records:
+                self._pending.since = time.monotonic()
+            self._pending.records.extend(records)
+            n += len(records)
+        if n:
+            self._update_lag()
+        return n
+
+    def _maybe_process(self) -> None:
+        while self._pending.records:
+            batch = self._cut()
+            if batch is None:
+                return
+            self._process(batch)
+
+    def _cut(self) -> list | None:
+        """The next batch to process, or None while it is still filling.
+
+        When replaying after a crash, batches end exactly where the journal says.
+        """
+        recs = self._pending.records
+        if self.replay:
+            end = self.replay[0]
+            batch, rest = [], []
+            for r in recs:
+                (batch if r.offset < end.get(r.partition, 0) else rest).append(r)
+            seen: dict[int, int] = {}
+            for r in recs:
+                seen[r.partition] = max(seen.get(r.partition, -1), r.offset)
+            reached = all(seen.get(p, -1) >= o - 1 or self.offsets.get(p, 0) >= o for p, o in end.items())
+            if not reached:
+                return None
+            self.replay.popleft()
+            self._pending.records = rest
+            self._pending.since = time.monotonic()
+            return batch
+        full = len(recs) >= self.settings.batch.max_size
+        waited = (time.monotonic() - self._pending.since) * 1000 >= self.settings.batch.max_wait_ms
+        if not (full or waited):
+            return None
+        batch, self._pending.records = recs[: self.settings.batch.max_size], recs[self.settings.batch.max_size :]
+        self._pending.since = time.monotonic()
+        return batch
+
+    def _flush_pending(self) -> None:
+        while self._pending.records:
+            batch = self._cut()
+            if batch is None:  # a journaled batch whose records never came back: cut by size
+                self.replay.clear()
+                continue
+            self._process(batch)
+
+    def _process(self, batch: list) -> None:
+        """Label, learn, publish, then record offsets; commit after the outputs are acknowledged."""
+        k = self.settings.kafka
+        model = self.model
+        ids, vecs, valid = [], [], []
+        futures = []
+        for r in batch:
+            self.metrics.input_bytes.inc(len(r.value or b""))
+            try:
+                item_id, vec = decode_record(r.key, r.value, r.headers, dim=model.n_features_in_, max_bytes=k.max_record_bytes)
+            except DecodeError as err:
+                headers = dlq_headers_for(err, r.headers, r.topic, r.partition, r.offset)
+                futures.append(self.producer.send(k.dlq_topic, key=r.key, value=r.value, headers=headers))
+                self.metrics.dlq.labels(err.reason).inc()
+                self.metrics.records.labels("dead_lettered").inc()
+                continue
+            ids.append(item_id)
+            vecs.append(vec)
+            valid.append(r)
+        end = {}
+        for r in batch:
+            end[r.partition] = max(end.get(r.partition, 0), r.offset + 1)
+        ranges: dict[int, tuple[int, int]] = {}
+        for r in valid:
+            lo, hi = ranges.get(r.partition, (r.offset, r.offset))
+            ranges[r.partition] = (min(lo, r.offset), max(hi, r.offset))
+        if valid:
+            X = np.stack(vecs)
+            t0 = time.perf_counter()
+            labels, conf = model.predict_with_confidence(X)
+            self.metrics.predict_seconds.observe(time.perf_counter() - t0)
+            version = int(model.version_)  # the model that produced these labels
+            for item_id, r, c, p in zip(ids, valid, labels, conf):
+                value = encode_assignment(item_id, int(c), float(p), version, r.topic, r.partition, r.offset)
+                futures.append(self.producer.send(k.output_topic, key=item_id.encode(), value=value))
+            report = model.partial_fit(X)
+            self.metrics.update_seconds.observe(report.update_ms / 1000.0)
+            drift = encode_drift(report, topic=k.input_topic, offset_ranges=ranges)
+            futures.append(self.producer.send(k.output_topic, key=b"__drift__", value=drift))
+            self._record_report(report)
+        self.producer.flush()
+        for f in futures:
+            f.get(timeout=30)  # raises if the broker did not take an output: nothing is committed then
+        now = time.time()
+        for r in valid:
+            if r.timestamp and r.timestamp > 0:
+                self.metrics.e2e_seconds.observe(max(0.0, now - r.timestamp / 1000.0))
+        self.metrics.records.labels("labelled").inc(len(valid))
+        self.metrics.batches.inc()
+        self.metrics.batch_size.observe(len(batch))
+        self.offsets.update(end)
+        self.processed_batches += 1
+        self._batches_since_ckpt += 1
+        if self._batches_since_ckpt >= self.settings.checkpoint.interval_batches:
+            self.checkpoint()
+        else:
+            self._journal(end)
+        self._commit()
+
+    def _record_report(self, report) -> None:
+        m = self.metrics
+        m.churn.set(report.churn)
+        m.centre_shift.set(report.centre_shift)
+        m.novelty.set(report.novelty_rate)
+        m.new_clusters.inc(len(report.new_cluster_ids))
+        if report.guard_action != "none":
+            m.guard.labels(report.guard_action).inc()
+        self._update_model_gauges()
+
+    def _update_model_gauges(self) -> None:
+        self.metrics.clusters.set(self.model.n_clusters_)
+        self.metrics.max_clusters.set(self.model.max_clusters_)
+        self.metrics.model_version.set(self.model.version_)
+
+    def _update_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            # highwater() is right on tansu, where end_offsets() is not (KAFKA_NOTES.md).
+            hw = self.consumer.highwater(tp)
+            if hw is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(max(0, hw - self.consumer.position(tp)))
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Flush, checkpoint and commit before partitions go; seek to the checkpoint when they come."""
+
+    def __init__(self, service: StreamService):
+        self.service = service
+
+    def on_partitions_revoked(self, revoked):
+        self.service._on_revoked(list(revoked))
+
+    def on_partitions_assigned(self, assigned):
+        self.service._on_assigned(list(assigned))

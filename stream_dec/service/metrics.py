@@ -1,0 +1,109 @@
+"""Prometheus metrics of the service and the HTTP endpoint serving ``/metrics`` and ``/healthz``.
+
+Names follow Prometheus conventions (``stream_dec_`` prefix, ``_total`` counters,
+``_seconds`` / ``_bytes`` units). Every metric lives in the service's own registry, so
+two services in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_SIZE_BUCKETS = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class ServiceMetrics:
+    """All metrics of one running service."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.records = Counter("stream_dec_records_total", "Input records by outcome (labelled, dead_lettered).", ["outcome"], registry=r)
+        self.dlq = Counter("stream_dec_dlq_records_total", "Records sent to the dead-letter topic, by reason.", ["reason"], registry=r)
+        self.batches = Counter("stream_dec_batches_total", "Micro-batches processed.", registry=r)
+        self.batch_size = Histogram("stream_dec_batch_size_records", "Records per micro-batch.", buckets=_SIZE_BUCKETS, registry=r)
+        self.input_bytes = Counter("stream_dec_input_bytes_total", "Bytes of input record values consumed.", registry=r)
+        self.update_seconds = Histogram("stream_dec_update_seconds", "Duration of one bounded online update.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.predict_seconds = Histogram("stream_dec_predict_seconds", "Duration of labelling one micro-batch.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e_seconds = Histogram(
+            "stream_dec_end_to_end_latency_seconds", "From the input record's timestamp to its label being acknowledged.",
+            buckets=_E2E_BUCKETS, registry=r,
+        )
+        self.lag = Gauge("stream_dec_consumer_lag_records", "Records behind the partition's high watermark.", ["partition"], registry=r)
+        self.assigned = Gauge("stream_dec_assigned_partitions", "Input partitions assigned to this instance (0: standby).", registry=r)
+        self.churn = Gauge("stream_dec_churn_ratio", "Share of remembered items relabelled by the last update.", registry=r)
+        self.centre_shift = Gauge("stream_dec_centre_shift_radii", "Mean centre movement of the last update, in cluster radii.", registry=r)
+        self.novelty = Gauge("stream_dec_novelty_ratio", "Share of the last batch beyond every cluster's radius.", registry=r)
+        self.clusters = Gauge("stream_dec_clusters", "Current number of clusters.", registry=r)
+        self.max_clusters = Gauge("stream_dec_clusters_max", "Cap on the number of clusters.", registry=r)
+        self.new_clusters = Counter("stream_dec_new_clusters_total", "Clusters created online.", registry=r)
+        self.model_version = Gauge("stream_dec_model_version", "Version of the model (one per update).", registry=r)
+        self.guard = Counter("stream_dec_guard_actions_total", "Churn-guard interventions, by action.", ["action"], registry=r)
+        self.ckpt_seconds = Histogram("stream_dec_checkpoint_duration_seconds", "Time to write one checkpoint.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.ckpt_failures = Counter("stream_dec_checkpoint_failures_total", "Checkpoint writes that failed.", registry=r)
+        self.ckpt_last = Gauge("stream_dec_checkpoint_last_success_timestamp_seconds", "Unix time of the last checkpoint written.", registry=r)
+        self.ckpt_age = Gauge("stream_dec_checkpoint_age_seconds", "Seconds since the last checkpoint written.", registry=r)
+        self.ckpt_age.set_function(lambda: time.time() - self._ckpt_time if self._ckpt_time else 0.0)
+        self.loop_last = Gauge("stream_dec_loop_last_iteration_timestamp_seconds", "Unix time of the last poll-loop iteration.", registry=r)
+        self._ckpt_time = 0.0
+        self.last_loop = 0.0
+
+    def checkpoint_written(self, seconds: float) -> None:
+        """Record a successful checkpoint."""
+        self._ckpt_time = time.time()
+        self.ckpt_seconds.observe(seconds)
+        self.ckpt_last.set(self._ckpt_time)
+
+    def loop_alive(self) -> None:
+        """Mark one iteration of the poll loop."""
+        self.last_loop = time.time()
+        self.loop_last.set(self.last_loop)
+
+
+class MetricsServer:
+    """``/metrics`` (Prometheus text format) and ``/healthz`` (200 while the loop is alive) over HTTP."""
+
+    def __init__(self, metrics: ServiceMetrics, host: str, port: int, stale_after_s: float):
+        self.metrics = metrics
+        self.stale_after_s = stale_after_s
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                if self.path.startswith("/metrics"):
+                    body, ctype, code = generate_latest(server.metrics.registry), CONTENT_TYPE_LATEST, 200
+                elif self.path.startswith("/healthz"):
+                    age = time.time() - server.metrics.last_loop
+                    alive = server.metrics.last_loop > 0 and age < server.stale_after_s
+                    body = (f"ok: loop iterated {age:.1f}s ago\n" if alive else f"stale: last loop iteration {age:.1f}s ago\n").encode()
+                    ctype, code = "text/plain; charset=utf-8", 200 if alive else 503
+                else:
+                    body, ctype, code = b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # scrapes every few seconds would flood the log
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="stream-dec-metrics", daemon=True)
+
+    def start(self) -> "MetricsServer":
+        """Serve in a daemon thread."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Shut the server down."""
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,167 @@
+"""The Kafka service end to end on a real (embedded) broker: labels, drift, DLQ, metrics, offsets."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+from conftest_kafka import consume
+from kafka import KafkaProducer
+
+from stream_dec import StreamDEC
+from stream_dec.io.codecs import CONTENT_TYPE_FLOAT32, encode_float32, encode_json
+from stream_dec.service import StreamService
+from stream_dec.settings import load_settings
+from tests.conftest import FAST
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "stream_dec" / "schemas"
+
+
+def _schema(name):
+    return json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+
+
+def _settings(broker, ckpt_dir, tag, **over):
+    return load_settings(
+        kafka__bootstrap_servers=broker.bootstrap_servers,
+        kafka__group_id=f"g-{tag}",
+        kafka__input_topic=f"in-{tag}",
+        kafka__output_topic=f"out-{tag}",
+        kafka__dlq_topic=f"dlq-{tag}",
+        kafka__session_timeout_ms=6000,
+        kafka__heartbeat_interval_ms=1000,
+        batch__max_size=over.pop("batch_size", 64),
+        batch__max_wait_ms=200,
+        checkpoint__dir=str(ckpt_dir),
+        checkpoint__interval_batches=over.pop("interval", 2),
+        metrics__port=over.pop("metrics_port", 0),
+        metrics__host="127.0.0.1",
+        **over,
+    )
+
+
+@pytest.fixture(scope="module")
+def base_model(blobs, tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"]).save(d / "base.sdec")
+    return d / "base.sdec"
+
+
+def _fresh_ckpt_dir(base_model, tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    StreamDEC.load(base_model).save(d)
+    return d
+
+
+def _send(broker, topic, items, bad=()):
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5)
+    for i, (item_id, vec) in enumerate(items):
+        if i % 2:
+            p.send(topic, key=item_id.encode(), value=encode_float32(vec), headers=[("content-type", CONTENT_TYPE_FLOAT32.encode())])
+        else:
+            p.send(topic, key=item_id.encode(), value=encode_json(item_id, vec))
+    for key, value, headers in bad:
+        p.send(topic, key=key, value=value, headers=headers)
+    p.flush()
+    p.close()
+
+
+def _run_in_thread(service, idle=2.5):
+    t = threading.Thread(target=service.run, kwargs={"max_idle_s": idle, "install_signals": False}, daemon=True)
+    t.start()
+    return t
+
+
+def test_labels_drift_dlq_and_metrics(broker, blobs, base_model, tmp_path):
+    tag = "e2e"
+    broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
+    X = np.concatenate([blobs["X"][:300], blobs["X_new"][:100]])
+    items = [(f"item-{i}", X[i]) for i in range(len(X))]
+    bad = [
+        (b"b1", b"{not json", None),
+        (b"b2", json.dumps({"id": "x", "embedding": [1.0, 2.0]}).encode(), None),  # wrong dimension
+        (b"b3", json.dumps({"id": "y", "embedding": [float("nan")] * 24}).encode().replace(b"NaN", b"NaN"), None),
+        (b"b4", b"\x00\x00\x80", [("content-type", CONTENT_TYPE_FLOAT32.encode())]),  # not a multiple of 4 bytes
+        (b"b5", json.dumps({"embedding": [0.0] * 24}).encode(), None),  # no id
+    ]
+    _send(broker, f"in-{tag}", items, bad)
+
+    ckpt = _fresh_ckpt_dir(base_model, tmp_path)
+    service = StreamService(_settings(broker, ckpt, tag, metrics_port=0))
+    from stream_dec.service.metrics import MetricsServer
+
+    server = MetricsServer(service.metrics, "127.0.0.1", 0, stale_after_s=30).start()
+    thread = _run_in_thread(service)
+    deadline = time.monotonic() + 60
+    while service.processed_batches < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    page = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5).read().decode()
+    health = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5)
+    assert health.status == 200
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    server.stop()
+
+    out = consume(broker.bootstrap_servers, f"out-{tag}", len(items))
+    values = [json.loads(r.value) for r in out]
+    assignments = [v for v in values if v["kind"] == "assignment"]
+    drifts = [v for v in values if v["kind"] == "drift"]
+    assert sorted(a["id"] for a in assignments) == sorted(i for i, _ in items)  # each valid record labelled once
+    assert all(r.key.decode() == v["id"] for r, v in zip(out, values) if v["kind"] == "assignment")
+    assert len(drifts) >= 2 and sum(d["n_items"] for d in drifts) == len(items)
+    for v in assignments[:50]:
+        jsonschema.validate(v, _schema("assignment"))
+    for d in drifts:
+        jsonschema.validate(d, _schema("drift"))
+    # Offsets of the assignments point back to the input records.
+    assert sorted(a["offset"] for a in assignments) == [o for o in range(len(items) + len(bad)) if o < len(items)]
+
+    dlq = consume(broker.bootstrap_servers, f"dlq-{tag}", len(bad))
+    assert len(dlq) == len(bad)
+    reasons = {r.key: dict(r.headers)["__stream_dec.errors.reason"].decode() for r in dlq}
+    assert reasons[b"b1"] == "bad_json" and reasons[b"b2"] == "wrong_dimension"
+    assert reasons[b"b4"] == "bad_length" and reasons[b"b5"] == "missing_id"
+    assert [r.value for r in dlq] == [b for _, b, _ in bad]  # original bytes
+    assert all(dict(r.headers)["__connect.errors.topic"] == f"in-{tag}".encode() for r in dlq)
+
+    assert 'stream_dec_records_total{outcome="labelled"}' in page
+    assert "stream_dec_dlq_records_total" in page and "stream_dec_update_seconds_bucket" in page
+    labelled = service.metrics.records.labels("labelled")._value.get()
+    assert labelled == len(items)
+
+    # The final checkpoint holds the model and the next offset of the input partition.
+    resumed = StreamDEC.load(ckpt)
+    assert resumed.checkpoint_extra_["offsets"][f"in-{tag}"] == {"0": len(items) + len(bad)}
+    assert resumed.version_ == service.model.version_ > 0
+
+
+def test_restart_resumes_from_checkpoint_without_relabelling(broker, blobs, base_model, tmp_path):
+    tag = "resume"
+    broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
+    ckpt = _fresh_ckpt_dir(base_model, tmp_path)
+    first = [(f"a-{i}", blobs["X"][i]) for i in range(200)]
+    _send(broker, f"in-{tag}", first)
+    s1 = StreamService(_settings(broker, ckpt, tag))
+    s1.run(max_idle_s=2.0, install_signals=False)
+    second = [(f"b-{i}", blobs["X"][200 + i]) for i in range(100)]
+    _send(broker, f"in-{tag}", second)
+    s2 = StreamService(_settings(broker, ckpt, tag))
+    assert s2.model.version_ == s1.model.version_
+    s2.run(max_idle_s=2.0, install_signals=False)
+    out = [json.loads(r.value) for r in consume(broker.bootstrap_servers, f"out-{tag}", 300)]
+    ids = [v["id"] for v in out if v["kind"] == "assignment"]
+    assert sorted(ids) == sorted([i for i, _ in first] + [i for i, _ in second])  # nothing twice, nothing lost
+
+
+def test_no_checkpoint_is_a_clear_error(broker, tmp_path):
+    from stream_dec.service import NoCheckpointError
+
+    with pytest.raises(NoCheckpointError, match="stream-dec train"):
+        StreamService(_settings(broker, tmp_path / "empty", "nock"))
