@@ -1,0 +1,155 @@
+"""Crash and shutdown behaviour of `stream-dec run` as a real process against a real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest_kafka import consume
+
+from stream_dec import StreamDEC
+from tests.conftest import FAST
+from tests.test_service import _send
+
+
+def _env(broker, tag, ckpt):
+    env = dict(os.environ)
+    env.update(
+        STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+        STREAM_DEC_KAFKA__GROUP_ID=f"g-{tag}",
+        STREAM_DEC_KAFKA__INPUT_TOPIC=f"in-{tag}",
+        STREAM_DEC_KAFKA__OUTPUT_TOPIC=f"out-{tag}",
+        STREAM_DEC_KAFKA__DLQ_TOPIC=f"dlq-{tag}",
+        STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS="6000",
+        STREAM_DEC_KAFKA__HEARTBEAT_INTERVAL_MS="1000",
+        STREAM_DEC_BATCH__MAX_SIZE="50",
+        STREAM_DEC_BATCH__MAX_WAIT_MS="100",
+        STREAM_DEC_CHECKPOINT__DIR=str(ckpt),
+        STREAM_DEC_CHECKPOINT__INTERVAL_BATCHES="4",
+        STREAM_DEC_METRICS__PORT="0",
+        OMP_NUM_THREADS="1",
+    )
+    return env
+
+
+def _start(env, *extra):
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream_dec.cli", "run", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _assignments(broker, tag, n, timeout_s=60):
+    out = consume(broker.bootstrap_servers, f"out-{tag}", n, timeout_s=timeout_s)
+    return [json.loads(r.value) for r in out if json.loads(r.value)["kind"] == "assignment"]
+
+
+def _count_outputs(broker, tag):
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers)
+    tp = TopicPartition(f"out-{tag}", 0)
+    c.assign([tp])
+    c.seek(tp, 0)
+    c.poll(timeout_ms=100)
+    n = c.highwater(tp) or 0
+    c.close()
+    return n
+
+
+@pytest.fixture(scope="module")
+def stream(blobs):
+    rng = np.random.default_rng(5)
+    X = np.concatenate([blobs["X"], blobs["X_new"]])
+    X = X[rng.permutation(len(X))][:1200]
+    return [(f"r-{i}", X[i]) for i in range(len(X))]
+
+
+def _ckpt(blobs, tmp_path):
+    d = tmp_path / "ckpt"
+    StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"]).save(d)
+    return d
+
+
+def test_kill_9_then_restart_labels_everything_and_replays_identically(broker, blobs, stream, tmp_path):
+    tag = "kill"
+    broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
+    ckpt = _ckpt(blobs, tmp_path)
+    env = _env(broker, tag, ckpt)
+    _send(broker, f"in-{tag}", stream)
+    proc = _start(env)
+    deadline = time.monotonic() + 90
+    while _count_outputs(broker, tag) < 500 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert _count_outputs(broker, tag) < len(stream), "killed too late to test recovery"
+
+    t0 = time.monotonic()
+    restarted = _start(env, "--exit-when-idle", "3")
+    # The restarted service must publish new labels quickly (group join included).
+    first_new = None
+    before = _count_outputs(broker, tag)
+    while restarted.poll() is None and time.monotonic() - t0 < 90:
+        if first_new is None and _count_outputs(broker, tag) > before:
+            first_new = time.monotonic() - t0
+        time.sleep(0.05)
+    out, err = restarted.communicate(timeout=90)
+    assert restarted.returncode == 0, err
+    assert first_new is not None and first_new < 15
+
+    labels = _assignments(broker, tag, len(stream))
+    by_id: dict[str, list[dict]] = {}
+    for a in labels:
+        by_id.setdefault(a["id"], []).append(a)
+    assert set(by_id) == {i for i, _ in stream}  # no valid record unlabelled
+    dupes = [v for v in by_id.values() if len(v) > 1]
+    assert dupes, "a kill between checkpoints should replay some batches"
+    for copies in dupes:  # replayed outputs are exact copies of the first ones
+        first = copies[0]
+        assert all((c["cluster"], c["confidence"], c["model_version"], c["offset"]) == (first["cluster"], first["confidence"], first["model_version"], first["offset"]) for c in copies)
+
+
+def test_sigterm_finishes_checkpoints_commits_and_exits_0(broker, blobs, stream, tmp_path):
+    tag = "term"
+    broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
+    ckpt = _ckpt(blobs, tmp_path)
+    env = _env(broker, tag, ckpt)
+    _send(broker, f"in-{tag}", stream)
+    proc = _start(env)
+    deadline = time.monotonic() + 90
+    while _count_outputs(broker, tag) < 300 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr.read()
+    model = StreamDEC.load(ckpt)
+    done = model.checkpoint_extra_["offsets"][f"in-{tag}"]["0"]
+    labelled = _assignments(broker, tag, _count_outputs(broker, tag), timeout_s=10)
+    assert len(labelled) == done  # the checkpoint is exactly where the outputs stop
+    assert sorted(a["offset"] for a in labelled) == list(range(done))
+    # A restart continues from there: every record once, none twice.
+    restarted = _start(env, "--exit-when-idle", "3")
+    assert restarted.wait(timeout=90) == 0
+    labelled = _assignments(broker, tag, len(stream))
+    assert sorted(a["offset"] for a in labelled) == list(range(len(stream)))
+
+
+def test_corrupt_newest_checkpoint_falls_back(blobs, tmp_path):
+    ckpt = _ckpt(blobs, tmp_path)
+    m = StreamDEC.load(ckpt)
+    m.partial_fit(blobs["X"][:100])
+    m.save(ckpt, extra={"offsets": {"in": {"0": 100}}})
+    newest = sorted(ckpt.glob("ckpt-*.sdec"))[-1]
+    newest.write_bytes(newest.read_bytes()[:-50])
+    from stream_dec.service import StreamService
+    from stream_dec.settings import load_settings
+
+    s = StreamService(load_settings(checkpoint__dir=str(ckpt), metrics__port=0))
+    assert s.model.version_ == 0 and s.offsets == {}
