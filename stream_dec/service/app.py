@@ -183,6 +183,10 @@ class StreamService:
             max_partition_fetch_bytes=max(k.max_record_bytes * 2, 8 * 1024 * 1024),
             partition_assignment_strategy=[AllToOneAssignor],
         )
+        extra = {}
+        if self.exactly_once:
+            # Stable per group and input topic: a restarted instance fences its zombie.
+            extra["transactional_id"] = self.transactional_id
         self.producer = KafkaProducer(
             bootstrap_servers=k.bootstrap_list,
             client_id=k.client_id,
@@ -190,8 +194,21 @@ class StreamService:
             linger_ms=5,
             batch_size=1024 * 1024,
             max_request_size=max(k.max_record_bytes * 2, 4 * 1024 * 1024),
+            **extra,
         )
+        if self.exactly_once:
+            self.producer.init_transactions()
         self.consumer.subscribe([k.input_topic], listener=_Rebalance(self))
+
+    @property
+    def exactly_once(self) -> bool:
+        """Whether outputs and offsets are committed in one Kafka transaction per batch."""
+        return self.settings.kafka.processing_guarantee == "exactly_once"
+
+    @property
+    def transactional_id(self) -> str:
+        """The producer's transactional id (one per consumer group and input topic)."""
+        return f"stream-dec-{self.settings.kafka.group_id}-{self.settings.kafka.input_topic}"
 
     def _on_assigned(self, partitions: list[TopicPartition]) -> None:
         self.metrics.assigned.set(len(partitions))
@@ -230,7 +247,8 @@ class StreamService:
         self.metrics.assigned.set(0)
 
     def _commit(self) -> None:
-        if not self.offsets or self.consumer is None:
+        # Under exactly-once the offsets were committed inside each batch's transaction.
+        if not self.offsets or self.consumer is None or self.exactly_once:
             return
         topic = self.settings.kafka.input_topic
         assigned = {tp.partition for tp in self.consumer.assignment()}
@@ -357,6 +375,8 @@ class StreamService:
         model = self.model
         ids, vecs, valid = [], [], []
         futures = []
+        if self.exactly_once:
+            self.producer.begin_transaction()
         for r in batch:
             self.metrics.input_bytes.inc(len(r.value or b""))
             try:
@@ -391,9 +411,19 @@ class StreamService:
             drift = encode_drift(report, topic=k.input_topic, offset_ranges=ranges)
             futures.append(self.producer.send(k.output_topic, key=b"__drift__", value=drift))
             self._record_report(report)
-        self.producer.flush()
-        for f in futures:
-            f.get(timeout=30)  # raises if the broker did not take an output: nothing is committed then
+        if self.exactly_once:
+            # Outputs and the batch's offsets become visible together, or not at all; a
+            # failure (e.g. this producer was fenced by a newer instance) ends the run,
+            # and the restart resumes from the checkpoint.
+            offsets = {TopicPartition(k.input_topic, p): OffsetAndMetadata(o, "", -1) for p, o in end.items()}
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+            self.producer.commit_transaction()
+            for f in futures:
+                f.get(timeout=30)
+        else:
+            self.producer.flush()
+            for f in futures:
+                f.get(timeout=30)  # raises if the broker did not take an output: nothing is committed then
         now = time.time()
         for r in valid:
             if r.timestamp and r.timestamp > 0:
@@ -408,7 +438,10 @@ class StreamService:
             self.checkpoint()
         else:
             self._journal(end)
-        self._commit()
+        if self.exactly_once:
+            self._committed = dict(self.offsets)
+        else:
+            self._commit()
 
     def _record_report(self, report) -> None:
         m = self.metrics
