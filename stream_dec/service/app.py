@@ -109,6 +109,7 @@ class StreamService:
         self._last_activity = 0.0
         self._committed: dict[int, int] = {}
         self._in_callback = False
+        self._owns = False
         self._update_model_gauges()
 
     # ------------------------------------------------------------ model and checkpoints
@@ -212,6 +213,7 @@ class StreamService:
 
     def _on_assigned(self, partitions: list[TopicPartition]) -> None:
         self.metrics.assigned.set(len(partitions))
+        self._owns = bool(partitions)
         self._last_activity = time.monotonic()
         if not partitions:
             log.info("standby: another instance of group %s owns the input partitions", self.settings.kafka.group_id)
@@ -245,6 +247,7 @@ class StreamService:
             finally:
                 self._in_callback = False
         self.metrics.assigned.set(0)
+        self._owns = False
 
     def _commit(self) -> None:
         # Under exactly-once the offsets were committed inside each batch's transaction.
@@ -290,8 +293,9 @@ class StreamService:
                     log.info("no records for %.1fs: stopping", max_idle_s)
                     break
             self._flush_pending()
-            self.checkpoint()
-            self._commit()
+            if self._owns:  # a standby must not write its stale model over the owner's
+                self.checkpoint()
+                self._commit()
         finally:
             self.close()
         return 0
