@@ -60,6 +60,14 @@ def _fresh_ckpt_dir(base_model, tmp_path):
     return d
 
 
+def _setup_stream(broker, blobs, tmp_path, tag):
+    """Fresh topics in-/out-/dlq-<tag> and a checkpoint dir with a model fitted on the base blobs."""
+    broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
+    ckpt = tmp_path / "ckpt"
+    StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"]).save(ckpt)
+    return ckpt
+
+
 def _send(broker, topic, items, bad=()):
     p = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5)
     for i, (item_id, vec) in enumerate(items):

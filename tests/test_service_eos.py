@@ -15,10 +15,8 @@ import pytest
 from conftest_kafka import consume
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from stream_dec import StreamDEC
 from stream_dec.service import StreamService
-from tests.conftest import FAST
-from tests.test_service import _send, _settings
+from tests.test_service import _send, _settings, _setup_stream
 
 
 def _committed(broker, group, topic):
@@ -31,9 +29,7 @@ def _committed(broker, group, topic):
 
 def test_outputs_and_offsets_commit_together(broker, blobs, tmp_path):
     tag = "eos"
-    broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
-    ckpt = tmp_path / "ckpt"
-    StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"]).save(ckpt)
+    ckpt = _setup_stream(broker, blobs, tmp_path, tag)
     _send(broker, f"in-{tag}", [(f"e-{i}", blobs["X"][i]) for i in range(256)])
     s = StreamService(_settings(broker, ckpt, tag, kafka__processing_guarantee="exactly_once"))
     s.run(max_idle_s=2.0, install_signals=False)
@@ -44,9 +40,7 @@ def test_outputs_and_offsets_commit_together(broker, blobs, tmp_path):
 
 def test_a_fenced_zombie_cannot_commit_and_offsets_stay(broker, blobs, tmp_path):
     tag = "zombie"
-    broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
-    ckpt = tmp_path / "ckpt"
-    StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"]).save(ckpt)
+    ckpt = _setup_stream(broker, blobs, tmp_path, tag)
     _send(broker, f"in-{tag}", [(f"z-{i}", blobs["X"][i]) for i in range(128)])
     s = StreamService(_settings(broker, ckpt, tag, kafka__processing_guarantee="exactly_once"))
     errors = []

@@ -15,7 +15,7 @@ from conftest_kafka import consume
 
 from stream_dec import StreamDEC
 from tests.conftest import FAST
-from tests.test_service import _send
+from tests.test_service import _send, _setup_stream
 
 
 def _env(broker, tag, ckpt):
@@ -78,8 +78,7 @@ def _ckpt(blobs, tmp_path):
 
 def test_kill_9_then_restart_labels_everything_and_replays_identically(broker, blobs, stream, tmp_path):
     tag = "kill"
-    broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
-    ckpt = _ckpt(blobs, tmp_path)
+    ckpt = _setup_stream(broker, blobs, tmp_path, tag)
     env = _env(broker, tag, ckpt)
     _send(broker, f"in-{tag}", stream)
     proc = _start(env)
@@ -118,8 +117,7 @@ def test_kill_9_then_restart_labels_everything_and_replays_identically(broker, b
 
 def test_sigterm_finishes_checkpoints_commits_and_exits_0(broker, blobs, stream, tmp_path):
     tag = "term"
-    broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
-    ckpt = _ckpt(blobs, tmp_path)
+    ckpt = _setup_stream(broker, blobs, tmp_path, tag)
     env = _env(broker, tag, ckpt)
     _send(broker, f"in-{tag}", stream)
     proc = _start(env)

@@ -8,10 +8,8 @@ import time
 
 from conftest_kafka import consume
 
-from stream_dec import StreamDEC
 from stream_dec.service import StreamService
-from tests.conftest import FAST
-from tests.test_service import _send, _settings
+from tests.test_service import _send, _settings, _setup_stream
 
 
 def _wait(cond, timeout_s=45):
@@ -23,9 +21,7 @@ def _wait(cond, timeout_s=45):
 
 def test_second_instance_is_a_hot_standby_that_takes_over(broker, blobs, tmp_path):
     tag = "standby"
-    broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
-    ckpt = tmp_path / "ckpt"
-    StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"]).save(ckpt)
+    ckpt = _setup_stream(broker, blobs, tmp_path, tag)
     a = StreamService(_settings(broker, ckpt, tag))
     b = StreamService(_settings(broker, ckpt, tag))
     threads = [threading.Thread(target=s.run, kwargs={"install_signals": False}, daemon=True) for s in (a, b)]
