@@ -110,6 +110,7 @@ class StreamService:
         self._committed: dict[int, int] = {}
         self._in_callback = False
         self._owns = False
+        self._ckpt_version = int(self.model.version_)
         self._update_model_gauges()
 
     # ------------------------------------------------------------ model and checkpoints
@@ -143,12 +144,15 @@ class StreamService:
                 entry = json.loads(line)
             except ValueError:
                 continue  # a torn last line from a crash mid-write
-            if entry.get("version", -1) > self.model.version_:
+            # Only entries written after exactly this checkpoint describe what follows it
+            # (after a fall-back past a corrupt checkpoint they do not).
+            if entry.get("base") == self.model.version_:
                 self.replay.append({int(p): int(o) for p, o in entry["end"].items()})
 
     def _journal(self, end: dict[int, int]) -> None:
         with open(self.ckpt_dir / JOURNAL, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"version": int(self.model.version_), "end": {str(p): o for p, o in end.items()}}) + "\n")
+            entry = {"base": self._ckpt_version, "version": int(self.model.version_), "end": {str(p): o for p, o in end.items()}}
+            fh.write(json.dumps(entry) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -164,6 +168,7 @@ class StreamService:
             return
         # Entries up to this version are inside the checkpoint now.
         (self.ckpt_dir / JOURNAL).write_text("")
+        self._ckpt_version = int(self.model.version_)
         self._batches_since_ckpt = 0
         self.metrics.checkpoint_written(time.perf_counter() - t0)
 
@@ -227,6 +232,7 @@ class StreamService:
                 newest.set_params(online_steps=self.settings.update.max_steps, max_update_ms=self.settings.update.max_ms, verbose=False)
                 self.model = newest
                 self.offsets = self._checkpoint_offsets(newest)
+                self._ckpt_version = int(newest.version_)
         except CheckpointError:
             pass
         self._load_journal()
@@ -351,8 +357,12 @@ class StreamService:
             for r in recs:
                 seen[r.partition] = max(seen.get(r.partition, -1), r.offset)
             reached = all(seen.get(p, -1) >= o - 1 or self.offsets.get(p, 0) >= o for p, o in end.items())
-            if not reached:
+            if not reached and len(recs) < 4 * self.settings.batch.max_size:
                 return None
+            if not reached:  # the journal does not fit what is read back: cut by size instead
+                log.warning("batch journal does not match the input; cutting batches by size")
+                self.replay.clear()
+                return self._cut()
             self.replay.popleft()
             self._pending.records = rest
             self._pending.since = time.monotonic()
