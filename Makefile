@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test quickstart bench-quality bench-cost clean
+.PHONY: venv test quickstart demo bench-quality bench-cost clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) bench/run_quality.py --sets stackoverflow --seeds 0 --scenario both \
 		--methods frozen_kmeans mbk_all oracle_2proto stream_dec --out bench/results/tmp/quickstart.json
+
+# The main job on an embedded Kafka broker: train on the known intents of the shipped
+# Banking77 sample, stream the rest through the service, print the report (~30 s).
+demo: $(STAMP)
+	$(PY) -m stream_dec.cli demo
 
 bench-quality: $(STAMP)
 	$(PY) bench/run_quality.py --sets stackoverflow banking77 mnist_test --seeds 0 1 2 --scenario both \

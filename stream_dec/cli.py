@@ -238,6 +238,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return service.run(max_idle_s=args.exit_when_idle)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from stream_dec.demo import DemoError, format_report, run_demo
+
+    try:
+        report = run_demo(
+            data=args.data,
+            bootstrap_servers=args.bootstrap_servers,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            rate=args.rate,
+            max_wait_ms=args.max_wait_ms,
+            progress=not args.quiet,
+        )
+    except DemoError as exc:
+        print(f"stream-dec demo: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stream-dec demo: interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(report, indent=2) if args.json else format_report(report), flush=True)
+    return 0
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``stream-dec`` (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(prog="stream-dec", description="Streaming Deep Embedded Clustering with stable cluster ids.")
@@ -275,6 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--metrics-port", type=int, default=None, help="overrides STREAM_DEC_METRICS__PORT (0 = off)")
     r.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS", help="stop after this long without records (batch jobs, tests)")
     r.set_defaults(func=_cmd_run)
+
+    d = sub.add_parser(
+        "demo",
+        help="the main job: embedded broker, train on a real sample, stream the rest through the service, report",
+        description="Start an embedded Kafka broker (or use --bootstrap-servers), train a base model on the known intents "
+        "of the shipped Banking77 sample, stream the rest (new intents appear mid-stream, plus a few malformed records) "
+        "through the service in this process, and report throughput, label latency, new clusters, churn, ACC/NMI/ARI "
+        "and dead letters. Progress goes to stderr, the report to stdout.",
+    )
+    d.add_argument("--data", default=None, help=".npz with X and labels y (default: the shipped Banking77 sample)")
+    d.add_argument("--bootstrap-servers", default=None, metavar="HOST:PORT", help="use this broker instead of an embedded one")
+    d.add_argument("--batch-size", type=_positive, default=128, help="micro-batch size of the service (default 128)")
+    d.add_argument("--max-wait-ms", type=_non_negative, default=100, help="micro-batch max wait of the service (default 100)")
+    d.add_argument("--rate", type=_rate, default=1000.0, help="records/s offered to the service; 0 = as fast as possible (default 1000)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the split, the model and the stream order (default 0)")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.add_argument("--quiet", action="store_true", help="no progress output")
+    d.set_defaults(func=_cmd_demo)
 
     i = sub.add_parser("inspect", help="print what a checkpoint holds")
     i.add_argument("--checkpoint", required=True, help="checkpoint file, or a directory (newest valid one)")

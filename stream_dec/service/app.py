@@ -185,6 +185,8 @@ class StreamService:
             heartbeat_interval_ms=k.heartbeat_interval_ms,
             max_poll_interval_ms=k.max_poll_interval_ms,
             max_poll_records=self.settings.batch.max_size,
+            # The client's 500 ms default would sit on top of the micro-batch wait.
+            fetch_max_wait_ms=max(10, min(100, self.settings.batch.max_wait_ms // 2)),
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=max(k.max_record_bytes * 2, 8 * 1024 * 1024),
             partition_assignment_strategy=[AllToOneAssignor],

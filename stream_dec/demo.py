@@ -1,0 +1,660 @@
+"""``stream-dec demo``: the main job end to end on a real sample of Banking77.
+
+One call of :func:`run_demo` starts an embedded Kafka broker (or uses a given one),
+splits the shipped sample like the stream protocol of DESIGN.md section 5 (60% of the
+intents are known at training time, the others appear part-way through the stream),
+trains a base :class:`~stream_dec.StreamDEC`, writes its first checkpoint, runs the
+Kafka service in this process, streams the rest of the sample through it (plus a few
+malformed records for the dead-letter topic), reads every output record back and
+scores what the service published. Labels are used only to build the split and to score.
+
+Progress goes to stderr; :func:`format_report` renders the returned report for humans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+SAMPLE_NAME = "banking77_sample.npz"
+BASE_CLASS_SHARE = 0.6
+BASE_SHARE = 0.5
+REF_SHARE = 0.2
+SEGMENTS = 20  # the stream protocol's T: novel classes start in one of the first T/2 segments
+REASON_HEADER = "__stream_dec.errors.reason"
+
+
+class DemoError(RuntimeError):
+    """The demo could not run to the end; the message says which phase failed and why."""
+
+
+def default_data_path() -> Path:
+    """Path of the Banking77 sample shipped inside the package."""
+    return Path(str(resources.files("stream_dec") / "data" / SAMPLE_NAME))
+
+
+@dataclass
+class Sample:
+    """A labelled embedding set: float32 rows, integer labels, class names and attribution."""
+
+    X: np.ndarray
+    y: np.ndarray
+    label_names: np.ndarray
+    name: str
+    attribution: str
+
+
+def load_sample(path: str | os.PathLike | None = None) -> Sample:
+    """Load a ``.npz`` with arrays ``X`` and ``y`` (``label_names``, ``attribution`` optional)."""
+    p = Path(path) if path is not None else default_data_path()
+    if not p.is_file():
+        raise DemoError(f"data file {p} does not exist")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            missing = [k for k in ("X", "y") if k not in z.files]
+            if missing:
+                raise DemoError(f"{p} lacks array(s) {', '.join(missing)}: the demo needs embeddings X and labels y")
+            X = np.asarray(z["X"], dtype=np.float32)
+            y = np.asarray(z["y"]).astype(np.int64)
+            names = z["label_names"] if "label_names" in z.files else np.array([], dtype=str)
+            attribution = str(z["attribution"]) if "attribution" in z.files else ""
+    except DemoError:
+        raise
+    except Exception as exc:  # truncated or foreign files
+        raise DemoError(f"cannot read {p}: {exc}") from None
+    if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
+        raise DemoError(f"{p}: X must be [n, d] and y [n], got {X.shape} and {y.shape}")
+    if not np.isfinite(X).all():
+        raise DemoError(f"{p}: X holds NaN or infinite values")
+    if len(np.unique(y)) < 4:
+        raise DemoError(f"{p}: the demo needs at least 4 classes, got {len(np.unique(y))}")
+    return Sample(X, y, names, p.stem, attribution)
+
+
+def _class_name(sample: Sample, c: int) -> str:
+    return str(sample.label_names[c]) if 0 <= c < len(sample.label_names) else str(c)
+
+
+@dataclass
+class DemoSplit:
+    """Row indices of the sample: fitted on, held out (REF), and streamed (in stream order)."""
+
+    fit: np.ndarray
+    ref: np.ndarray
+    stream: np.ndarray
+    base_classes: np.ndarray
+    novel_classes: np.ndarray
+    novel_start: dict[int, int]  # novel class -> position in the stream of its first item
+
+
+def split_like_protocol(y: np.ndarray, seed: int, segments: int = SEGMENTS) -> DemoSplit:
+    """Seeded class-incremental split, as ``bench/protocol.py`` does it.
+
+    60% of the classes are base classes; each base class gives 50% of its items to
+    ``fit``, 20% to REF (never streamed nor trained on) and 30% to the stream. Novel
+    classes go to the stream whole, each starting in a random one of the first half of
+    ``segments`` equal stretches of the stream, so new clusters must appear mid-stream.
+    """
+    rng = np.random.default_rng(seed)
+    classes = np.unique(y)
+    base_classes = np.sort(rng.choice(classes, int(round(BASE_CLASS_SHARE * len(classes))), replace=False))
+    novel_classes = np.setdiff1d(classes, base_classes)
+    parts: list[list[np.ndarray]] = [[] for _ in range(segments)]
+    fit, ref = [], []
+
+    def spread(items: np.ndarray, first: int) -> None:
+        for t, chunk in zip(range(first, segments), np.array_split(items, segments - first)):
+            parts[t].append(chunk)
+
+    for c in base_classes:
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_fit, n_ref = int(round(BASE_SHARE * len(idx))), int(round(REF_SHARE * len(idx)))
+        fit.append(idx[:n_fit])
+        ref.append(idx[n_fit : n_fit + n_ref])
+        spread(idx[n_fit + n_ref :], 0)
+    for c in novel_classes:
+        spread(rng.permutation(np.flatnonzero(y == c)), int(rng.integers(0, segments // 2)))
+    stream = np.concatenate([rng.permutation(np.concatenate(p)) for p in parts if p])
+    novel_start = {int(c): int(np.flatnonzero(y[stream] == c)[0]) for c in novel_classes}
+    return DemoSplit(np.sort(np.concatenate(fit)), np.sort(np.concatenate(ref)), stream, base_classes, novel_classes, novel_start)
+
+
+def malformed_records(dim: int, rng: np.random.Generator) -> list[tuple[bytes, bytes, list, str]]:
+    """Unusable input records ``(key, value, headers, expected DLQ reason)``, one per kind."""
+    from stream_dec.io.codecs import CONTENT_TYPE_FLOAT32, CONTENT_TYPE_HEADER, encode_float32, encode_json
+
+    f32 = [(CONTENT_TYPE_HEADER, CONTENT_TYPE_FLOAT32.encode())]
+    vec = rng.standard_normal(dim).astype(np.float32)
+    nan = vec.copy()
+    nan[dim // 2] = np.nan
+    inf = vec.copy()
+    inf[0] = np.inf
+    return [
+        (b"bad-json", b'{"id": "bad-json", "embedding": [0.1, 0.2,', [], "bad_json"),
+        (b"wrong-dim-json", encode_json("wrong-dim-json", vec[: dim // 2]), [], "wrong_dimension"),
+        (b"wrong-dim-f32", encode_float32(np.concatenate([vec, vec[:8]])), f32, "wrong_dimension"),
+        (b"nan-f32", encode_float32(nan), f32, "non_finite"),
+        (b"inf-f32", encode_float32(inf), f32, "non_finite"),
+        (b"no-id", b'{"embedding": [0.5, 0.5]}', [], "missing_id"),
+    ]
+
+
+def _pct(values: np.ndarray, q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 1) if len(values) else None
+
+
+def _scores(y_true: np.ndarray, ids: np.ndarray) -> dict[str, float]:
+    from stream_dec.evaluation import score_all
+
+    return {k: round(v, 4) for k, v in score_all(y_true, ids).items()}
+
+
+def _count(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
+
+
+class _Progress:
+    """Phase lines and one progress line on stderr: rewritten in place on a terminal, repeated otherwise."""
+
+    def __init__(self, enabled: bool, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._open = False
+        self._t0 = time.perf_counter()
+
+    def _stamp(self) -> str:
+        return f"[demo {time.perf_counter() - self._t0:5.1f}s]"
+
+    def phase(self, text: str) -> None:
+        """Start a phase: one line of its own."""
+        if self.enabled:
+            self.close()
+            print(f"{self._stamp()} {text}", file=self.stream, flush=True)
+
+    def update(self, text: str) -> None:
+        """Show the state of the running phase."""
+        if not self.enabled:
+            return
+        if self.tty:
+            print(f"\r\x1b[2K{self._stamp()}   {text}", end="", file=self.stream, flush=True)
+            self._open = True
+        else:
+            print(f"{self._stamp()}   {text}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """End an open progress line."""
+        if self._open:
+            print(file=self.stream, flush=True)
+            self._open = False
+
+
+def _check_reachable(servers: str, timeout_s: float = 5.0) -> None:
+    """Fail fast with a clear message when no bootstrap server accepts a TCP connection.
+
+    Kafka clients would retry for tens of seconds before giving up on a wrong address.
+    """
+    errors = []
+    for server in servers.split(","):
+        host, sep, port = server.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise DemoError(f"--bootstrap-servers: {server.strip()!r} is not HOST:PORT")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+                return
+        except OSError as exc:
+            errors.append(f"{server.strip()}: {exc.strerror or exc}")
+    raise DemoError(f"no broker answers at {servers} ({'; '.join(errors)})")
+
+
+def _read_topic(bootstrap_servers: str, topic: str, done: Callable[[list], bool], timeout_s: float) -> list:
+    """Every record of a one-partition topic, read until ``done(records)`` and the end is reached."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False, fetch_max_wait_ms=100,
+                             request_timeout_ms=10_000, fetch_max_bytes=64 * 1024 * 1024)
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        records: list = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+            hw = consumer.highwater(tp)
+            if hw is not None and consumer.position(tp) >= hw and done(records):
+                return records
+        raise DemoError(f"reading {topic!r} back: got {len(records)} records in {timeout_s:.0f} s, fewer than expected")
+    finally:
+        consumer.close()
+
+
+def _write_items(path: Path, items: list) -> None:
+    """Store ``(key, value, headers)`` records for the producer process (no pickle)."""
+    np.savez(
+        path,
+        keys=np.array([k.decode() for k, _, _ in items]),
+        lengths=np.array([len(v) for _, v, _ in items], dtype=np.int64),
+        blob=np.frombuffer(b"".join(v for _, v, _ in items), dtype=np.uint8),
+        float32=np.array([bool(h) for _, _, h in items]),
+    )
+
+
+def _producer_main(argv: list[str] | None = None) -> int:
+    """Producer process of the demo: ``ITEMS.npz SERVERS TOPIC RATE``; prints ``sent N`` lines.
+
+    A separate process, as producers are in production: inside the service's process
+    it would compete with the service for the GIL, delay its own sends and distort the
+    measured latency. Records are paced by the clock to RATE records/s (0: unpaced).
+    """
+    from kafka import KafkaProducer
+
+    from stream_dec.io.codecs import CONTENT_TYPE_FLOAT32, CONTENT_TYPE_HEADER
+
+    path, servers, topic, rate_text = argv if argv is not None else sys.argv[1:]
+    rate = float(rate_text)
+    with np.load(path, allow_pickle=False) as z:
+        keys, lengths, blob, f32 = z["keys"], z["lengths"], z["blob"].tobytes(), z["float32"]
+    header = [(CONTENT_TYPE_HEADER, CONTENT_TYPE_FLOAT32.encode())]
+    try:
+        # The tuned settings of `stream-dec produce`; a short linger when paced, so records leave at once.
+        producer = KafkaProducer(bootstrap_servers=servers, client_id="stream-dec-demo", acks="all", enable_idempotence=True,
+                                 linger_ms=5 if rate else 20, batch_size=1_000_000, max_request_size=4 * 1_048_576)
+    except Exception as exc:
+        print(f"cannot connect a producer to {servers}: {exc!r}", file=sys.stderr)
+        return 1
+    failed: list[BaseException] = []
+    ends = np.cumsum(lengths)
+    t0 = time.perf_counter()
+    try:
+        for i, key in enumerate(keys):
+            if rate:
+                # Paced by the clock, not by a sleep per record: the mean rate stays exact.
+                ahead = t0 + i / rate - time.perf_counter()
+                if ahead > 0:
+                    time.sleep(ahead)
+            value = blob[ends[i] - lengths[i] : ends[i]]
+            producer.send(topic, key=str(key).encode(), value=value, headers=header if f32[i] else []).add_errback(failed.append)
+            if failed:
+                break
+            if (i + 1) % 50 == 0:
+                print(f"sent {i + 1}", flush=True)
+        producer.flush(timeout=60)
+    except Exception as exc:
+        failed.append(exc)
+    finally:
+        producer.close(timeout=5)
+    if failed:
+        print(f"{len(failed)} records were not delivered (first: {failed[0]!r})", file=sys.stderr)
+        return 1
+    print(f"sent {len(keys)}", flush=True)
+    return 0
+
+
+def run_demo(
+    data: str | os.PathLike | None = None,
+    bootstrap_servers: str | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+    rate: float = 1000.0,
+    max_wait_ms: int = 100,
+    progress: bool = True,
+    timeout_s: float = 240.0,
+) -> dict[str, Any]:
+    """Run the whole demo and return its report (plain data, JSON-ready).
+
+    ``data``: a ``.npz`` with ``X`` and ``y`` (default: the shipped Banking77 sample).
+    ``bootstrap_servers``: use this broker instead of starting an embedded one (topics
+    and a consumer group with a unique name are created on it). ``batch_size`` /
+    ``max_wait_ms``: the service's micro-batch bounds. ``rate``: records per second
+    offered to the service (0: as fast as the producer goes, which measures throughput
+    under a backlog). ``timeout_s`` bounds the streaming phase. Raises :class:`DemoError`
+    on failure.
+    """
+    if batch_size < 1:
+        raise DemoError(f"batch size must be >= 1, got {batch_size}")
+    if rate < 0:
+        raise DemoError(f"rate must be >= 0 records/s, got {rate}")
+    ui = _Progress(progress)
+    t_start = time.perf_counter()
+    try:
+        sample = load_sample(data)
+        split = split_like_protocol(sample.y, seed)
+        ui.phase(
+            f"data: {sample.name}, {len(sample.y)} items x {sample.X.shape[1]} dims, {len(np.unique(sample.y))} classes; "
+            f"{len(split.base_classes)} known at training, {len(split.novel_classes)} appear mid-stream"
+        )
+        ui.phase(f"split: fit {len(split.fit)}, held-out REF {len(split.ref)}, stream {len(split.stream)} "
+                 f"(new classes start at stream items {sorted(split.novel_start.values())})")
+        with contextlib.ExitStack() as stack:
+            if bootstrap_servers:
+                servers, broker_desc = bootstrap_servers, f"external broker {bootstrap_servers}"
+                ui.phase(f"broker: using {servers}")
+                _check_reachable(servers)
+            else:
+                from stream_dec.io.broker import BrokerError, EmbeddedBroker
+
+                ui.phase("broker: starting an embedded tansu broker ...")
+                try:
+                    broker = stack.enter_context(EmbeddedBroker())
+                except BrokerError as exc:
+                    raise DemoError(f"cannot start the embedded broker: {exc}") from None
+                servers, broker_desc = broker.bootstrap_servers, f"embedded tansu on {broker.bootstrap_servers}"
+                ui.phase(f"broker: ready on {servers}")
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stream-dec-demo-")))
+            report = _run(sample, split, servers, work, batch_size, seed, rate, max_wait_ms, timeout_s, ui)
+            report["broker"] = broker_desc
+    finally:
+        ui.close()
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    return report
+
+
+def _stream_items(sample: Sample, split: DemoSplit, seed: int) -> tuple[list, list]:
+    """The input records in stream order (float32 values keyed by item id) with the malformed ones mixed in."""
+    from stream_dec.io.codecs import CONTENT_TYPE_FLOAT32, CONTENT_TYPE_HEADER, encode_float32
+
+    header = [(CONTENT_TYPE_HEADER, CONTENT_TYPE_FLOAT32.encode())]
+    items = [(f"{sample.name}-{row}".encode(), encode_float32(sample.X[row]), header) for row in split.stream]
+    rng = np.random.default_rng([seed, 1])
+    bad = malformed_records(sample.X.shape[1], rng)
+    # At random places of the stream, as they would arrive in production; back to front
+    # so that earlier insertions do not shift the later positions.
+    positions = rng.choice(len(items), len(bad), replace=False)
+    for pos, (key, value, headers, _reason) in sorted(zip(positions.tolist(), bad), key=lambda t: -t[0]):
+        items.insert(pos, (key, value, headers))
+    return items, bad
+
+
+def _run(sample: Sample, split: DemoSplit, servers: str, work: Path, batch_size: int, seed: int, rate: float,
+         max_wait_ms: int, timeout_s: float, ui: _Progress) -> dict[str, Any]:
+    from stream_dec.io.broker import BrokerError, create_topics
+
+    X, y = sample.X, sample.y
+    # A unique name per run: an external broker may hold topics and groups of earlier runs.
+    tag = f"stream-dec-demo-{uuid.uuid4().hex[:8]}"
+    topics = {"input": f"{tag}.embeddings", "output": f"{tag}.labels", "dlq": f"{tag}.embeddings.dlq"}
+    try:
+        create_topics(servers, list(topics.values()), partitions=1, timeout_s=15)
+    except BrokerError as exc:
+        raise DemoError(f"cannot create the demo topics on {servers}: {exc}") from None
+    ui.phase(f"topics: {', '.join(topics.values())}")
+
+    # --- train the base model and write the checkpoint the service starts from
+    k_base = len(split.base_classes)
+    ui.phase(f"train: loading torch, then StreamDEC(n_clusters={k_base}) on {len(split.fit)} items of the known classes ...")
+    t0 = time.perf_counter()
+    from stream_dec import StreamDEC
+    from stream_dec.evaluation import churn
+    from stream_dec.service import StreamService
+    from stream_dec.settings import load_settings
+
+    ckpt_dir = work / "checkpoints"
+    ckpt_dir.mkdir()
+    settings = load_settings(
+        kafka__bootstrap_servers=servers,
+        kafka__group_id=tag,
+        kafka__client_id="stream-dec-demo",
+        kafka__input_topic=topics["input"],
+        kafka__output_topic=topics["output"],
+        kafka__dlq_topic=topics["dlq"],
+        # Short group timings: a join takes about half the session timeout (KAFKA_NOTES.md).
+        kafka__session_timeout_ms=6000,
+        kafka__heartbeat_interval_ms=1000,
+        batch__max_size=batch_size,
+        batch__max_wait_ms=max_wait_ms,
+        checkpoint__dir=str(ckpt_dir),
+        metrics__port=0,
+    )
+    # The service's device setting (STREAM_DEC_MODEL__DEVICE) also decides where the base model trains.
+    model = StreamDEC(n_clusters=k_base, random_state=seed, device=settings.model.device, verbose=ui.enabled).fit(X[split.fit])
+    ref_before = model.predict(X[split.ref])
+    frozen = model.predict(X[split.stream])  # what a model that never learns would publish
+    ids_start = [int(i) for i in model.cluster_ids_]
+    model.save(ckpt_dir)
+    ui.phase(f"train: done in {time.perf_counter() - t0:.1f}s (fit {model.fit_seconds_:.1f}s), {len(ids_start)} clusters "
+             f"(ids {ids_start[0]}..{ids_start[-1]}); first checkpoint in {ckpt_dir}")
+
+    # --- the service, in a thread of this process
+    service = StreamService(settings)
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            # The idle exit is only a backstop: the demo stops the service once all is labelled.
+            service.run(max_idle_s=30.0, install_signals=False)
+        except BaseException as exc:  # re-raised from the main thread
+            failure.append(exc)
+
+    def metric(name: str, labels: dict | None = None) -> float:
+        return service.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+    ui.phase(f"service: starting (batches of <= {batch_size} records or {max_wait_ms} ms), joining group {tag} ...")
+    thread = threading.Thread(target=serve, name="stream-dec-service", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while metric("stream_dec_assigned_partitions") < 1:
+        if failure or not thread.is_alive():
+            raise DemoError(f"the service stopped before joining its group: {failure[0] if failure else 'no error given'}")
+        if time.monotonic() > deadline:
+            service.stop()
+            raise DemoError(f"the service got no partition of {topics['input']} within 60 s (consumer group {tag} on {servers})")
+        time.sleep(0.05)
+
+    # --- stream: a producer process sends, this thread watches the service's counters
+    items, bad = _stream_items(sample, split, seed)
+    n_valid, n_bad = len(split.stream), len(bad)
+    ui.phase(f"service: owns {topics['input']}; streaming {n_valid} records + {n_bad} malformed ones "
+             f"({'as fast as possible' if not rate else f'{rate:,.0f} records/s'}) ...")
+    items_path = work / "stream.npz"
+    _write_items(items_path, items)
+    env = dict(os.environ)
+    # The child imports this package from wherever this process did (a checkout or site-packages).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    producer = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from stream_dec.demo import _producer_main; sys.exit(_producer_main())",
+         str(items_path), servers, topics["input"], repr(float(rate))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    produced = [0]
+
+    def follow() -> None:
+        for line in producer.stdout:
+            if line.startswith("sent "):
+                produced[0] = int(line.split()[1])
+
+    follower = threading.Thread(target=follow, name="stream-dec-demo-producer-output", daemon=True)
+    follower.start()
+    deadline = time.monotonic() + timeout_s
+    last_print = 0.0
+    finished = False
+    try:
+        while True:
+            labelled = int(metric("stream_dec_records_total", {"outcome": "labelled"}))
+            dead = int(metric("stream_dec_records_total", {"outcome": "dead_lettered"}))
+            now = time.monotonic()
+            # The counters move only after the batch's outputs are acknowledged by the broker.
+            finished = labelled + dead >= len(items)
+            if finished or now - last_print >= (0.25 if ui.tty else 1.0):
+                last_print = now
+                ui.update(f"produced {produced[0]:>5}/{len(items)}  labelled {labelled:>5}/{n_valid}  dead-lettered {dead}/{n_bad}  "
+                          f"batches {service.processed_batches:>3}  clusters {service.model.n_clusters_}")
+            if finished:
+                break
+            if producer.poll():
+                why = producer.stderr.read().strip() or f"exit code {producer.returncode}"
+                raise DemoError(f"producing to {topics['input']} failed: {why}")
+            if failure or not thread.is_alive():
+                why = repr(failure[0]) if failure else "it went idle before the stream ended"
+                raise DemoError(f"the service stopped after labelling {labelled} of {n_valid} records: {why}")
+            if now > deadline:
+                raise DemoError(f"only {labelled} of {n_valid} records labelled and {dead} of {n_bad} dead-lettered after {timeout_s:.0f} s")
+            time.sleep(0.05)
+    finally:
+        service.stop()
+        thread.join(timeout=60)
+        if producer.poll() is None:
+            try:
+                # After a complete run the producer is only closing; after a failure, stop it now.
+                producer.wait(timeout=5 if finished else 0)
+            except subprocess.TimeoutExpired:
+                producer.kill()
+                producer.wait(timeout=5)
+        follower.join(timeout=5)
+        producer.stdout.close()
+        producer.stderr.close()
+    if thread.is_alive():
+        raise DemoError("the service did not stop within 60 s")
+    if failure:
+        raise DemoError(f"the service failed while stopping: {failure[0]!r}")
+    ui.phase("service: stopped (final checkpoint written, offsets committed); reading the outputs back ...")
+
+    # --- read everything back and score what was published
+    out = _read_topic(servers, topics["output"], lambda recs: sum(r.key != b"__drift__" for r in recs) >= n_valid, timeout_s=60)
+    dlq = _read_topic(servers, topics["dlq"], lambda recs: len(recs) >= n_bad, timeout_s=30)
+    inputs = _read_topic(servers, topics["input"], lambda recs: len(recs) >= len(items), timeout_s=30)
+    import orjson
+
+    produced_ts = {r.offset: r.timestamp for r in inputs}  # the producer's CreateTime
+    assignments, drifts, label_ts = [], [], []
+    for r in out:
+        v = orjson.loads(r.value)
+        if v.get("kind") == "drift":
+            drifts.append(v)
+        elif v.get("kind") == "assignment":
+            assignments.append(v)
+            label_ts.append(r.timestamp)
+    published: dict[str, int] = {}
+    latency = []
+    for a, ts in zip(assignments, label_ts):
+        published.setdefault(a["id"], int(a["cluster"]))  # at-least-once: a replayed copy repeats the first
+        sent = produced_ts.get(a["offset"])
+        if sent is not None and sent >= 0 and ts >= 0:
+            latency.append(ts - sent)
+    row_of = {f"{sample.name}-{row}": int(row) for row in split.stream}
+    missing = [i for i in row_of if i not in published]
+    if missing:
+        raise DemoError(f"{len(missing)} stream records have no label on {topics['output']} (first: {missing[0]})")
+    ids_stream = np.array([published[f"{sample.name}-{row}"] for row in split.stream])
+    y_stream = y[split.stream]
+    novel = np.isin(y_stream, split.novel_classes)
+
+    final = service.model
+    ref_after = final.predict(X[split.ref])
+    ids_end = [int(i) for i in final.cluster_ids_]
+    # From the first record produced to the last label published, by the records' own clocks
+    # (the producer process takes a moment to start, which the wall clock here would count).
+    stream_s = max(max(label_ts) - min(produced_ts.values()), 1) / 1000.0
+    lat = np.array(latency, dtype=np.float64)
+    update_ms = np.array([d["update_ms"] for d in drifts if d.get("update_ms") is not None])
+    return {
+        "dataset": {
+            "name": sample.name,
+            "items": int(len(y)),
+            "dims": int(X.shape[1]),
+            "classes": int(len(np.unique(y))),
+            "base_classes": [_class_name(sample, int(c)) for c in split.base_classes],
+            "novel_classes": [_class_name(sample, int(c)) for c in split.novel_classes],
+            "attribution": sample.attribution,
+        },
+        "split": {"fit": int(len(split.fit)), "ref": int(len(split.ref)), "stream": int(n_valid), "stream_novel": int(novel.sum()),
+                  "novel_class_first_item": sorted(split.novel_start.values())},
+        "topics": topics,
+        "seed": seed,
+        "training": {"seconds": round(model.fit_seconds_, 1), "clusters": len(ids_start)},
+        "stream": {
+            "records_sent": n_valid,
+            "malformed_sent": n_bad,
+            "offered_rate_per_s": rate or None,
+            "labelled": int(len(published)),
+            "duplicates": int(len(assignments) - len(published)),
+            "seconds": round(stream_s, 2),
+            "records_per_s": round((n_valid + n_bad) / stream_s, 1),
+            "micro_batches": int(service.processed_batches),
+            "drift_records": int(len(drifts)),
+            "batch_size_max": batch_size,
+            "max_wait_ms": max_wait_ms,
+        },
+        "latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "max": _pct(lat, 100), "items": int(len(lat))},
+        "update_ms": {"p50": _pct(update_ms, 50), "p95": _pct(update_ms, 95), "max": _pct(update_ms, 100)},
+        "clusters": {
+            "start": len(ids_start),
+            "end": len(ids_end),
+            "created_ids": sorted(set(ids_end) - set(ids_start)),
+            "created_ids_in_drift_records": sorted({int(i) for d in drifts for i in d.get("new_cluster_ids", [])}),
+            "used_in_labels": int(len(np.unique(ids_stream))),
+            "model_version": int(final.version_),
+        },
+        "churn_ref": round(churn(ref_before, ref_after), 4),
+        "quality": {
+            "stream": _scores(y_stream, ids_stream),
+            "stream_novel": _scores(y_stream[novel], ids_stream[novel]),
+            "stream_known": _scores(y_stream[~novel], ids_stream[~novel]),
+            "ref_after": _scores(y[split.ref], ref_after),
+            "frozen_stream": _scores(y_stream, frozen),
+            "frozen_stream_novel": _scores(y_stream[novel], frozen[novel]),
+        },
+        "dlq": {
+            "records": int(len(dlq)),
+            "reasons": _count(dict(r.headers).get(REASON_HEADER, b"?").decode() for r in dlq),
+            "expected": _count(reason for *_, reason in bad),
+        },
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as aligned text for a terminal."""
+    d, s, q, c, lat = r["dataset"], r["stream"], r["quality"], r["clusters"], r["latency_ms"]
+
+    def sc(x: dict) -> str:
+        return f"ACC {x['acc']:.3f}  NMI {x['nmi']:.3f}  ARI {x['ari']:.3f}"
+
+    offered = f"offered {s['offered_rate_per_s']:,.0f}/s" if s["offered_rate_per_s"] else "sent as fast as possible"
+    lines = [
+        "",
+        "== stream-dec demo report ==",
+        f"data            {d['name']}: {d['items']} items x {d['dims']} dims, {d['classes']} intents "
+        f"({len(d['base_classes'])} known at training, {len(d['novel_classes'])} new mid-stream)",
+        f"broker          {r['broker']}",
+        f"split           fit {r['split']['fit']}, held-out REF {r['split']['ref']}, stream {r['split']['stream']} "
+        f"({r['split']['stream_novel']} of new intents)",
+        f"training        {r['training']['seconds']:.1f} s, {r['training']['clusters']} clusters",
+        f"throughput      {s['records_per_s']:,.0f} records/s end to end ({s['records_sent'] + s['malformed_sent']} records "
+        f"in {s['seconds']:.2f} s, {offered})",
+        f"label latency   p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms (produce -> label record)",
+        f"micro-batches   {s['micro_batches']} (<= {s['batch_size_max']} records or {s['max_wait_ms']} ms); "
+        f"update p50 {r['update_ms']['p50']} ms, p95 {r['update_ms']['p95']} ms",
+        f"labelled        {s['labelled']} of {s['records_sent']} stream records ({s['duplicates']} duplicates)",
+        f"clusters        {c['start']} at start -> {c['end']} at end; new ids {c['created_ids']}; "
+        f"{c['used_in_labels']} ids used in the published labels",
+        f"churn on REF    {r['churn_ref']:.2%} of {r['split']['ref']} held-out items changed id (before vs after the stream)",
+        f"published       all stream items   {sc(q['stream'])}",
+        f"  labels        new-intent items   {sc(q['stream_novel'])}",
+        f"                known-intent items {sc(q['stream_known'])}",
+        f"frozen model    all stream items   {sc(q['frozen_stream'])}   (no online learning, for comparison)",
+        f"                new-intent items   {sc(q['frozen_stream_novel'])}",
+        f"REF after       {sc(q['ref_after'])}",
+        f"dead letters    {r['dlq']['records']} of {s['malformed_sent']} malformed records: "
+        + ", ".join(f"{k} {v}" for k, v in r["dlq"]["reasons"].items()),
+        f"total           {r['total_seconds']:.1f} s",
+    ]
+    if d["attribution"]:
+        lines.append(f"data credit     {d['attribution']}")
+    return "\n".join(lines)
