@@ -238,10 +238,16 @@ class StreamService:
         except CheckpointError:
             pass
         self._load_journal()
+        # The checkpoint is the truth: a partition it has no offset for is one the model
+        # has not learnt from yet, whatever the group committed since (those commits may
+        # be ahead of the checkpoint; the journal replays the batches in between).
+        fresh = [tp for tp in partitions if tp.partition not in self.offsets]
         for tp in partitions:
             if tp.partition in self.offsets:
                 self.consumer.seek(tp, self.offsets[tp.partition])
-        log.info("assigned %s; resuming at %s", [tp.partition for tp in partitions], self.offsets or "committed/earliest offsets")
+        if fresh:
+            self.consumer.seek_to_beginning(*fresh)
+        log.info("assigned %s; resuming at %s", [tp.partition for tp in partitions], self.offsets or "the beginning")
 
     def _on_revoked(self, partitions: list[TopicPartition]) -> None:
         # Runs on the client's IO thread (kafka-python 3): no blocking consumer calls here,
