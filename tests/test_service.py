@@ -37,7 +37,7 @@ def _settings(broker, ckpt_dir, tag, **over):
         kafka__session_timeout_ms=6000,
         kafka__heartbeat_interval_ms=1000,
         batch__max_size=over.pop("batch_size", 64),
-        batch__max_wait_ms=200,
+        batch__max_wait_ms=over.pop("batch__max_wait_ms", 200),
         checkpoint__dir=str(ckpt_dir),
         checkpoint__interval_batches=over.pop("interval", 2),
         metrics__port=over.pop("metrics_port", 0),
@@ -173,3 +173,32 @@ def test_no_checkpoint_is_a_clear_error(broker, tmp_path):
 
     with pytest.raises(NoCheckpointError, match="stream-dec train"):
         StreamService(_settings(broker, tmp_path / "empty", "nock"))
+
+
+def test_published_labels_equal_offline_streamdec_on_the_same_batches(broker, blobs, tmp_path):
+    """The service adds no behaviour of its own: same seed, same batch boundaries, same labels."""
+    tag = "offline"
+    ckpt = _setup_stream(broker, blobs, tmp_path, tag)
+    X = np.concatenate([blobs["X"][:220], blobs["X_new"][:80]])
+    X = X[np.random.default_rng(2).permutation(len(X))]
+    _send(broker, f"in-{tag}", [(f"o-{i}", X[i]) for i in range(len(X))])
+    # A long wait: batches are cut by size only, so their boundaries are known.
+    settings = _settings(broker, ckpt, tag, batch_size=64, interval=1000, batch__max_wait_ms=3000)
+    offline = StreamDEC.load(ckpt)
+    StreamService(settings).run(max_idle_s=1.0, install_signals=False)
+
+    published = {}
+    for r in consume(broker.bootstrap_servers, f"out-{tag}", len(X)):
+        v = json.loads(r.value)
+        if v["kind"] == "assignment":
+            published[v["offset"]] = (v["cluster"], v["confidence"], v["model_version"])
+    assert len(published) == len(X)
+    for start in range(0, len(X), 64):
+        batch = X[start : start + 64]
+        ids, conf = offline.predict_with_confidence(batch)
+        version = offline.version_
+        offline.partial_fit(batch)
+        for j in range(len(batch)):
+            cluster, confidence, model_version = published[start + j]
+            assert (cluster, model_version) == (int(ids[j]), version)
+            assert confidence == pytest.approx(float(conf[j]), abs=1e-6)
