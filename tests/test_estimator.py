@@ -34,7 +34,7 @@ def test_predict_proba_rows_and_columns(fitted, blobs):
 @pytest.mark.parametrize("rule", SPAWN_RULES)
 def test_old_ids_stay_while_new_blob_gets_new_id(fitted, blobs, tmp_path, rule):
     m = _clone(fitted, tmp_path).set_params(spawn_rule=rule)
-    X_old, y_old, X_new = blobs["X"], blobs["y"], blobs["X_new"]
+    X_old, X_new = blobs["X"], blobs["X_new"]
     ref_ids = m.predict(X_old)
     rng = np.random.default_rng(1)
     reports = []

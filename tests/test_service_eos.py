@@ -11,7 +11,6 @@ import json
 import threading
 import time
 
-import pytest
 from conftest_kafka import consume
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
