@@ -260,9 +260,11 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         """
         k = self.centres_.shape[0]
         both = squared_distances(z, torch.cat([self.centres_, self.memory_]))
-        raw = torch.minimum(both[:, :k], both[:, k:])
-        gated = torch.minimum(both[:, :k] * self.gate_cur_[None, :], both[:, k:] * self.gate_[None, :])
-        return raw, gated
+        return torch.minimum(both[:, :k], both[:, k:]), self._gated(both[:, :k], both[:, k:])
+
+    def _gated(self, cur: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+        """Gated ``[n, K]`` distance per id from squared distances to current and memory prototypes."""
+        return torch.minimum(cur * self.gate_cur_[None, :], mem * self.gate_[None, :])
 
     @torch.no_grad()
     def _assign(self, z: torch.Tensor) -> torch.Tensor:
@@ -554,7 +556,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             return None
         k = self.centres_.shape[0]
         both = squared_distances(res, torch.cat([self.centres_, self.memory_]))
-        held = torch.minimum(both[:, :k] * self.gate_cur_[None, :], both[:, k:] * self.gate_[None, :])
+        held = self._gated(both[:, :k], both[:, k:])
         held = held.gather(1, assigned[:, None])  # [R, 1] distance to the id each item holds
         ratio = held / both[:, :k].clamp_min(1e-12)
         ratio.scatter_(1, assigned[:, None], 0.0)
@@ -574,7 +576,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             extra = squared_distances(res, torch.cat([self.centres_[k_old:], self.memory_[k_old:]]))
             cur = torch.cat([cur, extra[:, : k - k_old]], 1)
             mem = torch.cat([mem, extra[:, k - k_old :]], 1)
-        return torch.minimum(cur * self.gate_cur_[None, :], mem * self.gate_[None, :]).argmin(1)
+        return self._gated(cur, mem).argmin(1)
 
     @torch.no_grad()
     def _centre_mean_step(self, z: torch.Tensor, assigned: torch.Tensor) -> int:
@@ -679,7 +681,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             k = self.centres_.shape[0]
             if res_both is None:
                 res_both = squared_distances(res, torch.cat([self.centres_, self.memory_]))
-            d_res_old = torch.minimum(res_both[:, :k] * self.gate_cur_, res_both[:, k:] * self.gate_).min(1).values
+            d_res_old = self._gated(res_both[:, :k], res_both[:, k:]).min(1).values
         base_radius = float(torch.quantile(self.radius_[~self.spawned_], 0.25))
         captured_rows = []
         for c in proposals:
