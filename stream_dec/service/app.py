@@ -115,17 +115,24 @@ class StreamService:
 
     # ------------------------------------------------------------ model and checkpoints
     def _load_newest(self):
-        from stream_dec import CheckpointError, StreamDEC
+        from stream_dec import CheckpointError
 
         try:
-            model = StreamDEC.load(self.ckpt_dir, device=self.settings.model.device)
+            model = self._read_newest()
         except CheckpointError as exc:
             raise NoCheckpointError(
                 f"no usable checkpoint in {self.ckpt_dir} ({exc}); create one with "
                 f"`stream-dec train --data FILE --n-clusters K --checkpoint-dir {self.ckpt_dir}`"
             ) from None
-        model.set_params(online_steps=self.settings.update.max_steps, max_update_ms=self.settings.update.max_ms, verbose=False)
         log.info("loaded %s (model version %d, %d clusters)", model.checkpoint_path_, model.version_, model.n_clusters_)
+        return model
+
+    def _read_newest(self):
+        """The newest valid checkpoint, with this service's update budgets applied."""
+        from stream_dec import StreamDEC
+
+        model = StreamDEC.load(self.ckpt_dir, device=self.settings.model.device)
+        model.set_params(online_steps=self.settings.update.max_steps, max_update_ms=self.settings.update.max_ms, verbose=False)
         return model
 
     def _checkpoint_offsets(self, model) -> dict[int, int]:
@@ -226,12 +233,11 @@ class StreamService:
             log.info("standby: another instance of group %s owns the input partitions", self.settings.kafka.group_id)
             return
         # Another instance may have moved on since this one loaded: resume from the newest state.
-        from stream_dec import CheckpointError, StreamDEC
+        from stream_dec import CheckpointError
 
         try:
-            newest = StreamDEC.load(self.ckpt_dir, device=self.settings.model.device)
+            newest = self._read_newest()
             if newest.version_ > self.model.version_:
-                newest.set_params(online_steps=self.settings.update.max_steps, max_update_ms=self.settings.update.max_ms, verbose=False)
                 self.model = newest
                 self.offsets = self._checkpoint_offsets(newest)
                 self._ckpt_version = int(newest.version_)
