@@ -431,8 +431,8 @@ class StreamService:
             labels, conf = model.predict_with_confidence(X)
             self.metrics.predict_seconds.observe(time.perf_counter() - t0)
             version = int(model.version_)  # the model that produced these labels
-            for item_id, r, c, p in zip(ids, valid, labels, conf):
-                value = encode_assignment(item_id, int(c), float(p), version, r.topic, r.partition, r.offset)
+            for item_id, r, cluster, confidence in zip(ids, valid, labels, conf):
+                value = encode_assignment(item_id, int(cluster), float(confidence), version, r.topic, r.partition, r.offset)
                 futures.append(self.producer.send(k.output_topic, key=item_id.encode(), value=value))
             report = model.partial_fit(X)
             self.metrics.update_seconds.observe(report.update_ms / 1000.0)
@@ -446,12 +446,10 @@ class StreamService:
             offsets = {TopicPartition(k.input_topic, p): OffsetAndMetadata(o, "", -1) for p, o in end.items()}
             self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
             self.producer.commit_transaction()
-            for f in futures:
-                f.get(timeout=30)
         else:
             self.producer.flush()
-            for f in futures:
-                f.get(timeout=30)  # raises if the broker did not take an output: nothing is committed then
+        for f in futures:
+            f.get(timeout=30)  # raises if the broker did not take an output: nothing is committed then
         now = time.time()
         for r in valid:
             if r.timestamp and r.timestamp > 0:
