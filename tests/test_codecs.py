@@ -19,6 +19,7 @@ from stream_dec.io.codecs import (
     DecodeError,
     content_type,
     decode_record,
+    decode_batch,
     dlq_headers,
     dlq_headers_for,
     encode_assignment,
@@ -233,3 +234,52 @@ def test_dlq_schema_lists_every_reason_and_stage():
     v = validator("dlq-headers")
     for reason, (stage, _) in REASONS.items():
         v.validate(headers_as_json(dlq_headers([], "embeddings", 0, 1, stage, reason, "detail")))
+
+
+# -- batch decoding gives what one-by-one decoding gives ----------------------------------
+
+
+def _one_by_one(records, dim, max_bytes):
+    out = []
+    for key, value, headers in records:
+        try:
+            out.append(decode_record(key, value, headers, dim=dim, max_bytes=max_bytes))
+        except DecodeError as err:
+            out.append(err.reason)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decode_batch_equals_decode_record(seed):
+    rng = np.random.default_rng(seed)
+    good = []
+    for i in range(40):
+        v = rng.normal(size=4).astype(np.float32)
+        good.append((f"f{i}".encode(), encode_float32(v), F32) if i % 2 else (None, encode_json(f"j{i}", v), None))
+    # usable, but only through the one-by-one path: ints, a bool among numbers
+    good.append((None, b'{"id": "ints", "embedding": [1, 2, 3, 4]}', None))
+    good.append((None, b'{"id": "mixed", "embedding": [true, 1.5, 2, 3]}', None))
+    bad = [(key, value, headers) for _, key, value, headers, _, _ in REJECT]
+    records = good + bad
+    order = rng.permutation(len(records))
+    records = [records[j] for j in order]
+    want = _one_by_one(records, 4, 256)
+    got = decode_batch(records, dim=4, max_bytes=256)
+    assert got.X.dtype == np.float32 and got.X.shape == (len(got.valid), 4) and got.X.flags.writeable
+    assert got.valid == sorted(got.valid) and len(got.valid) + len(got.failures) == len(records)
+    for row, (pos, item_id) in enumerate(zip(got.valid, got.ids)):
+        wid, wvec = want[pos]
+        assert item_id == wid and np.array_equal(got.X[row], wvec)
+    for pos, err in got.failures:
+        assert err.reason == want[pos]
+    assert sorted([p for p, _ in got.failures] + got.valid) == list(range(len(records)))
+
+
+def test_decode_batch_one_bad_json_row_does_not_spoil_the_rest():
+    rows = [(None, encode_json(f"j{i}", np.full(3, i, np.float32)), None) for i in range(5)]
+    rows.insert(2, (None, b'{"id": "s", "embedding": ["1", 2, 3]}', None))
+    got = decode_batch(rows, dim=3)
+    assert got.ids == [f"j{i}" for i in range(5)] and [e.reason for _, e in got.failures] == ["bad_embedding"]
+    assert np.array_equal(got.X[:, 0], np.arange(5, dtype=np.float32))
+    empty = decode_batch([], dim=3)
+    assert empty.X.shape == (0, 3) and not empty.ids and not empty.failures

@@ -163,6 +163,82 @@ def decode_record(
     return item_id, _check_vector(vec, dim)
 
 
+class DecodedBatch:
+    """A decoded micro-batch: ``ids`` and the ``(n, dim)`` float32 matrix ``X`` of the usable
+    records, their positions ``valid`` in the input, and ``failures`` as ``(position, DecodeError)``."""
+
+    __slots__ = ("ids", "X", "valid", "failures")
+
+    def __init__(self, ids: list[str], X: np.ndarray, valid: list[int], failures: list[tuple[int, DecodeError]]):
+        self.ids = ids
+        self.X = X
+        self.valid = valid
+        self.failures = failures
+
+
+def decode_batch(
+    records: Sequence[tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes | None]] | None]],
+    *,
+    dim: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> DecodedBatch:
+    """Decode ``(key, value, headers)`` triples at once; same results as :func:`decode_record` on each.
+
+    float32 records of the right length are checked together (one ``frombuffer``, one
+    finiteness test for the batch: 2 us a record instead of 6). JSON records, and any
+    float32 record that misses the fast path, go through :func:`decode_record`, so every
+    failure carries exactly the reason a single decode would give. (For JSON the parse
+    itself dominates; batching its conversion measured slower than per record.)
+    """
+    nbytes = 4 * dim
+    fast_pos: list[int] = []
+    fast_ids: list[str] = []
+    raw: list[bytes] = []
+    rest: list[int] = []
+    for i, (key, value, headers) in enumerate(records):
+        if headers and key and value is not None and len(value) == nbytes and nbytes <= max_bytes and content_type(headers) == CONTENT_TYPE_FLOAT32:
+            try:
+                fast_ids.append(key.decode("utf-8"))
+            except UnicodeDecodeError:
+                rest.append(i)
+                continue
+            fast_pos.append(i)
+            raw.append(value)
+        else:
+            rest.append(i)
+    # A bytearray keeps the matrix writable (torch.from_numpy warns on read-only memory).
+    X_fast = np.frombuffer(bytearray().join(raw), dtype=_F32).reshape(len(raw), dim)
+    finite = np.isfinite(X_fast).all(axis=1)
+    if not finite.all():  # decode_record words the non_finite failure
+        rest.extend(p for p, ok in zip(fast_pos, finite) if not ok)
+        rest.sort()
+        fast_ids = [item for item, ok in zip(fast_ids, finite) if ok]
+        fast_pos = [p for p, ok in zip(fast_pos, finite) if ok]
+        X_fast = X_fast[finite]
+    if not rest:
+        return DecodedBatch(fast_ids, X_fast, fast_pos, [])
+    failures: list[tuple[int, DecodeError]] = []
+    ids, vecs, pos = [], [], []
+    for i in rest:
+        key, value, headers = records[i]
+        try:
+            item_id, vec = decode_record(key, value, headers, dim=dim, max_bytes=max_bytes)
+        except DecodeError as err:
+            failures.append((i, err))
+            continue
+        ids.append(item_id)
+        vecs.append(vec)
+        pos.append(i)
+    if not fast_pos:
+        X = np.stack(vecs) if vecs else np.empty((0, dim), dtype=np.float32)
+        return DecodedBatch(ids, X, pos, failures)
+    # Both kinds in one batch: merge back into input order.
+    all_ids, all_pos = fast_ids + ids, fast_pos + pos
+    order = np.argsort(np.asarray(all_pos), kind="stable")
+    X = np.concatenate([X_fast, np.stack(vecs)]) if vecs else X_fast
+    return DecodedBatch([all_ids[j] for j in order], X[order], [all_pos[j] for j in order], failures)
+
+
 def _vector(vec: Any) -> np.ndarray:
     arr = np.asarray(vec, dtype=np.float32)
     if arr.ndim != 1:
