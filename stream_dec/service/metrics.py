@@ -11,11 +11,61 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _SIZE_BUCKETS = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class BatchHistogram(Collector):
+    """A Prometheus histogram that takes a whole array of observations in one call.
+
+    The end-to-end latency is observed for every record; ``Histogram.observe`` costs
+    about 2 us each, a few per cent of the loop's per-record budget. Here a batch
+    costs one ``searchsorted``. Exposed exactly like a client histogram.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self._bounds = np.asarray(buckets, dtype=np.float64)
+        self._counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        """Add one observation."""
+        self.observe_many(np.asarray([value], dtype=np.float64))
+
+    def observe_many(self, values) -> None:
+        """Add every value of a 1-d array."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.size == 0:
+            return
+        # "le" buckets: a value equal to a bound belongs to that bound's bucket.
+        idx = np.searchsorted(self._bounds, values, side="left")
+        counts = np.bincount(idx, minlength=self._counts.size)
+        with self._lock:
+            self._counts += counts
+            self._sum += float(values.sum())
+
+    def collect(self):
+        """The histogram's samples (cumulative buckets, sum, count)."""
+        with self._lock:
+            cumulative = np.cumsum(self._counts)
+            total = self._sum
+        bounds = [repr(float(b)) for b in self._bounds] + ["+Inf"]
+        family = HistogramMetricFamily(self.name, self.documentation, buckets=list(zip(bounds, cumulative.tolist())), sum_value=total)
+        return [family]
+
+    def describe(self):
+        """No samples at registration time: keeps ``register`` from calling :meth:`collect`."""
+        return []
 
 
 class ServiceMetrics:
@@ -30,7 +80,7 @@ class ServiceMetrics:
         self.input_bytes = Counter("stream_dec_input_bytes_total", "Bytes of input record values consumed.", registry=r)
         self.update_seconds = Histogram("stream_dec_update_seconds", "Duration of one bounded online update.", buckets=_LATENCY_BUCKETS, registry=r)
         self.predict_seconds = Histogram("stream_dec_predict_seconds", "Duration of labelling one micro-batch.", buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e_seconds = Histogram(
+        self.e2e_seconds = BatchHistogram(
             "stream_dec_end_to_end_latency_seconds", "From the input record's timestamp to its label being acknowledged.",
             buckets=_E2E_BUCKETS, registry=r,
         )
