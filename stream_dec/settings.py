@@ -175,6 +175,10 @@ class ModelSettings(_Group):
     """Where the model runs."""
 
     device: str = Field("auto", description='"auto" (CUDA when available), "cpu", "cuda", "cuda:N" or "mps"')
+    # One thread by default: the poll loop and the Kafka client threads need the other
+    # cores, and torch's per-core OpenMP pool spins against them (measured: a 20 ms
+    # update took 0.6-1.2 s on a busy 2-core machine).
+    threads: int = Field(1, ge=0, le=1024, description="torch CPU threads for labelling and learning (0 = torch's default, one per core)")
 
     @field_validator("device")
     @classmethod

@@ -56,6 +56,7 @@ ENV_CASES = [
     ("STREAM_DEC_METRICS__PORT", "0", ("metrics", "port"), 0),
     ("STREAM_DEC_METRICS__HOST", "127.0.0.1", ("metrics", "host"), "127.0.0.1"),
     ("STREAM_DEC_MODEL__DEVICE", "CUDA:1", ("model", "device"), "cuda:1"),
+    ("STREAM_DEC_MODEL__THREADS", "4", ("model", "threads"), 4),
     ("STREAM_DEC_LOG_LEVEL", "debug", ("log_level",), "DEBUG"),
 ]
 
@@ -136,6 +137,7 @@ INVALID = [
     ("STREAM_DEC_KAFKA__MAX_RECORD_BYTES", "0", "greater than 0"),
     ("STREAM_DEC_KAFKA__PROCESSING_GUARANTEE", "best_effort", "'at_least_once' or 'exactly_once'"),
     ("STREAM_DEC_MODEL__DEVICE", "tpu", '"auto", "cpu"'),
+    ("STREAM_DEC_MODEL__THREADS", "-1", "greater than or equal to 0"),
     ("STREAM_DEC_LOG_LEVEL", "chatty", "'DEBUG', 'INFO'"),
     ("STREAM_DEC_BATCH__MAXSIZE", "5", "unknown setting (did you mean STREAM_DEC_BATCH__MAX_SIZE?)"),
     ("STREAM_DEC_LOGLEVEL", "INFO", "unknown setting (did you mean STREAM_DEC_LOG_LEVEL?)"),

@@ -8,6 +8,11 @@ never sees a record twice or misses one. Batch boundaries are journaled next to 
 checkpoints, so records re-read after a crash are cut into the same batches and the
 (deterministic) model gives the same labels: duplicates are exact copies.
 
+Learning overlaps I/O: a batch's update runs on a worker thread while the loop waits
+for the broker's acknowledgements and reads the next batch; the next ``predict`` waits
+for it, so every batch is labelled by the model that learnt from all batches before it,
+exactly as offline (the labels do not depend on timing).
+
 One model per consumer group: the group uses an assignor that gives every input
 partition to one member; other members are hot standbys that take over (reloading the
 newest checkpoint) when the owner leaves.
@@ -22,6 +27,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +42,8 @@ from kafka.coordinator.assignors.abstract import (
 )
 from kafka.structs import OffsetAndMetadata
 
-from stream_dec.io.codecs import DecodeError, decode_record, dlq_headers_for, encode_assignment, encode_drift
+from stream_dec.io.codecs import decode_batch, dlq_headers_for, encode_assignment, encode_drift
+from stream_dec.io.partitioner import default_partitions
 from stream_dec.service.metrics import MetricsServer, ServiceMetrics
 from stream_dec.settings import Settings
 
@@ -94,6 +101,10 @@ class StreamService:
 
     def __init__(self, settings: Settings, model: Any | None = None):
         self.settings = settings
+        if settings.model.threads:
+            import torch
+
+            torch.set_num_threads(settings.model.threads)
         self.ckpt_dir = Path(settings.checkpoint.dir)
         self.metrics = ServiceMetrics()
         self.model = model if model is not None else self._load_newest()
@@ -111,6 +122,10 @@ class StreamService:
         self._in_callback = False
         self._owns = False
         self._ckpt_version = int(self.model.version_)
+        # One learner thread: updates stay strictly ordered, and torch ops release the GIL.
+        self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-dec-learn")
+        self._update: tuple[Future, dict[int, tuple[int, int]]] | None = None  # running update, its batch's offsets
+        self._unacked: list = []  # futures of outputs sent and not yet acknowledged
         self._update_model_gauges()
 
     # ------------------------------------------------------------ model and checkpoints
@@ -156,15 +171,20 @@ class StreamService:
             if entry.get("base") == self.model.version_:
                 self.replay.append({int(p): int(o) for p, o in entry["end"].items()})
 
-    def _journal(self, end: dict[int, int]) -> None:
+    def _journal(self, end: dict[int, int], labelled_by: int) -> None:
         with open(self.ckpt_dir / JOURNAL, "a", encoding="utf-8") as fh:
-            entry = {"base": self._ckpt_version, "version": int(self.model.version_), "end": {str(p): o for p, o in end.items()}}
+            # labelled_by: the model version that labelled the batch (the update may still run).
+            entry = {"base": self._ckpt_version, "labelled_by": labelled_by, "end": {str(p): o for p, o in end.items()}}
             fh.write(json.dumps(entry) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
     def checkpoint(self) -> None:
         """Write the model with the next offset of every input partition."""
+        # The checkpoint holds the model after the last batch's update; that update's drift
+        # record must be acknowledged first, or a crash now would lose it for good.
+        self._settle()
+        self._await_outputs()
         t0 = time.perf_counter()
         extra = {"offsets": {self.settings.kafka.input_topic: {str(p): o for p, o in self.offsets.items()}}}
         try:
@@ -234,6 +254,8 @@ class StreamService:
             return
         # Another instance may have moved on since this one loaded: resume from the newest state.
         from stream_dec import CheckpointError
+
+        self._settle()
 
         try:
             newest = self._read_newest()
@@ -306,6 +328,8 @@ class StreamService:
                 if self._poll():
                     self._last_activity = time.monotonic()
                 self._maybe_process()
+                if self._update is not None and self._update[0].done():
+                    self._settle()  # publish the drift record now rather than with the next batch
                 idle = time.monotonic() - self._last_activity
                 # The idle clock starts at the first partition assignment: a group join
                 # alone takes about half the session timeout.
@@ -321,7 +345,8 @@ class StreamService:
         return 0
 
     def close(self) -> None:
-        """Close clients and the metrics server (idempotent)."""
+        """Close clients, the learner thread and the metrics server (idempotent)."""
+        self._learner.shutdown(wait=True)
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
             self.consumer = None
@@ -397,63 +422,81 @@ class StreamService:
                 continue
             self._process(batch)
 
+    def _settle(self) -> None:
+        """Wait for the running update, if any, and publish its batch's drift record."""
+        if self._update is None:
+            return
+        future, ranges = self._update
+        self._update = None
+        report = future.result()  # an update that raised ends the run here
+        self.metrics.update_seconds.observe(report.update_ms / 1000.0)
+        drift = encode_drift(report, topic=self.settings.kafka.input_topic, offset_ranges=ranges)
+        self._unacked.append(self.producer.send(self.settings.kafka.output_topic, key=b"__drift__", value=drift))
+        self._record_report(report)
+
+    def _await_outputs(self) -> None:
+        """Block until every output sent so far is acknowledged (raises if one was not)."""
+        if not self._unacked:
+            return
+        if not self.exactly_once:
+            self.producer.flush()
+        for f in self._unacked:
+            f.get(timeout=30)  # raises if the broker did not take an output: nothing is committed then
+        self._unacked.clear()
+
     def _process(self, batch: list) -> None:
-        """Label, learn, publish, then record offsets; commit after the outputs are acknowledged."""
+        """Label, start learning, publish, then record offsets; commit after the outputs are acknowledged."""
         k = self.settings.kafka
-        model = self.model
-        ids, vecs, valid = [], [], []
-        futures = []
+        decoded = decode_batch([(r.key, r.value, r.headers) for r in batch], dim=self.model.n_features_in_, max_bytes=k.max_record_bytes)
         if self.exactly_once:
             self.producer.begin_transaction()
-        for r in batch:
-            self.metrics.input_bytes.inc(len(r.value or b""))
-            try:
-                item_id, vec = decode_record(r.key, r.value, r.headers, dim=model.n_features_in_, max_bytes=k.max_record_bytes)
-            except DecodeError as err:
-                headers = dlq_headers_for(err, r.headers, r.topic, r.partition, r.offset)
-                futures.append(self.producer.send(k.dlq_topic, key=r.key, value=r.value, headers=headers))
-                self.metrics.dlq.labels(err.reason).inc()
-                self.metrics.records.labels("dead_lettered").inc()
-                continue
-            ids.append(item_id)
-            vecs.append(vec)
-            valid.append(r)
-        end = {}
+        # The previous batch's update: predict needs the model it leaves (under at-least-once
+        # its drift record joins this batch's acknowledgements).
+        self._settle()
+        model = self.model
+        version = int(model.version_)  # the model that labels this batch
+        send = self.producer.send
+        sent = self._unacked
+        for pos, err in decoded.failures:
+            r = batch[pos]
+            headers = dlq_headers_for(err, r.headers, r.topic, r.partition, r.offset)
+            sent.append(send(k.dlq_topic, key=r.key, value=r.value, headers=headers))
+            self.metrics.dlq.labels(err.reason).inc()
+        if decoded.failures:
+            self.metrics.records.labels("dead_lettered").inc(len(decoded.failures))
+        end: dict[int, int] = {}
         for r in batch:
             end[r.partition] = max(end.get(r.partition, 0), r.offset + 1)
-        ranges: dict[int, tuple[int, int]] = {}
-        for r in valid:
-            lo, hi = ranges.get(r.partition, (r.offset, r.offset))
-            ranges[r.partition] = (min(lo, r.offset), max(hi, r.offset))
+        valid = [batch[i] for i in decoded.valid]
         if valid:
-            X = np.stack(vecs)
+            ranges: dict[int, tuple[int, int]] = {}
+            for r in valid:
+                lo, hi = ranges.get(r.partition, (r.offset, r.offset))
+                ranges[r.partition] = (min(lo, r.offset), max(hi, r.offset))
             t0 = time.perf_counter()
-            labels, conf = model.predict_with_confidence(X)
+            labels, conf = model.predict_with_confidence(decoded.X)
             self.metrics.predict_seconds.observe(time.perf_counter() - t0)
-            version = int(model.version_)  # the model that produced these labels
-            for item_id, r, cluster, confidence in zip(ids, valid, labels, conf):
-                value = encode_assignment(item_id, int(cluster), float(confidence), version, r.topic, r.partition, r.offset)
-                futures.append(self.producer.send(k.output_topic, key=item_id.encode(), value=value))
-            report = model.partial_fit(X)
-            self.metrics.update_seconds.observe(report.update_ms / 1000.0)
-            drift = encode_drift(report, topic=k.input_topic, offset_ranges=ranges)
-            futures.append(self.producer.send(k.output_topic, key=b"__drift__", value=drift))
-            self._record_report(report)
+            keys = [item_id.encode() for item_id in decoded.ids]
+            # Kafka's own key partitioning, computed for the whole batch (see io/partitioner.py).
+            parts = default_partitions(keys, self.producer.partitions_for(k.output_topic)).tolist()
+            for item_id, key, part, r, cluster, confidence in zip(decoded.ids, keys, parts, valid, labels.tolist(), conf):
+                value = encode_assignment(item_id, cluster, confidence, version, r.topic, r.partition, r.offset)
+                sent.append(send(k.output_topic, key=key, value=value, partition=part))
+            self._update = (self._learner.submit(model.partial_fit, decoded.X), ranges)
         if self.exactly_once:
-            # Outputs and the batch's offsets become visible together, or not at all; a
-            # failure (e.g. this producer was fenced by a newer instance) ends the run,
-            # and the restart resumes from the checkpoint.
+            # Outputs, drift record and the batch's offsets become visible together, or not
+            # at all; a failure (e.g. this producer was fenced by a newer instance) ends the
+            # run, and the restart resumes from the checkpoint.
+            self._settle()
             offsets = {TopicPartition(k.input_topic, p): OffsetAndMetadata(o, "", -1) for p, o in end.items()}
             self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
             self.producer.commit_transaction()
-        else:
-            self.producer.flush()
-        for f in futures:
-            f.get(timeout=30)  # raises if the broker did not take an output: nothing is committed then
-        now = time.time()
-        for r in valid:
-            if r.timestamp and r.timestamp > 0:
-                self.metrics.e2e_seconds.observe(max(0.0, now - r.timestamp / 1000.0))
+        self._await_outputs()
+        if valid:
+            ts = np.fromiter((r.timestamp or 0 for r in valid), dtype=np.float64, count=len(valid))
+            ts = ts[ts > 0]
+            self.metrics.e2e_seconds.observe_many(np.maximum(0.0, time.time() - ts / 1000.0))
+        self.metrics.input_bytes.inc(sum(len(r.value) for r in batch if r.value))
         self.metrics.records.labels("labelled").inc(len(valid))
         self.metrics.batches.inc()
         self.metrics.batch_size.observe(len(batch))
@@ -463,7 +506,7 @@ class StreamService:
         if self._batches_since_ckpt >= self.settings.checkpoint.interval_batches:
             self.checkpoint()
         else:
-            self._journal(end)
+            self._journal(end, version)
         if self.exactly_once:
             self._committed = dict(self.offsets)
         else:
