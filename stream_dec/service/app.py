@@ -126,6 +126,9 @@ class StreamService:
         self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-dec-learn")
         self._update: tuple[Future, dict[int, tuple[int, int]]] | None = None  # running update, its batch's offsets
         self._unacked: list = []  # futures of outputs sent and not yet acknowledged
+        self._from_journal = False  # the batch being processed was cut at a journaled boundary
+        self._read_commits = False  # exactly-once: look up the group's commits after an assignment
+        self._published: dict[int, int] = {}  # exactly-once: offsets whose outputs are committed already
         self._update_model_gauges()
 
     # ------------------------------------------------------------ model and checkpoints
@@ -172,12 +175,20 @@ class StreamService:
                 self.replay.append({int(p): int(o) for p, o in entry["end"].items()})
 
     def _journal(self, end: dict[int, int], labelled_by: int) -> None:
+        """Append a batch's boundary before any of its outputs leave.
+
+        A process crash (kill -9, OOM) keeps what was written. Under exactly-once it is
+        also fsynced, since a restart relearns committed batches at exactly these
+        boundaries; under at-least-once a machine crash could lose the newest lines,
+        and the replay would then cut by size: nothing lost, duplicates may differ.
+        """
         with open(self.ckpt_dir / JOURNAL, "a", encoding="utf-8") as fh:
-            # labelled_by: the model version that labelled the batch (the update may still run).
+            # labelled_by: the model version that labels the batch.
             entry = {"base": self._ckpt_version, "labelled_by": labelled_by, "end": {str(p): o for p, o in end.items()}}
             fh.write(json.dumps(entry) + "\n")
             fh.flush()
-            os.fsync(fh.fileno())
+            if self.exactly_once:
+                os.fsync(fh.fileno())
 
     def checkpoint(self) -> None:
         """Write the model with the next offset of every input partition."""
@@ -275,6 +286,11 @@ class StreamService:
                 self.consumer.seek(tp, self.offsets[tp.partition])
         if fresh:
             self.consumer.seek_to_beginning(*fresh)
+        # Under exactly-once, batches after the checkpoint may have been published and
+        # committed already; they are replayed to rebuild the model, but not published
+        # again. (Their commits are read on the loop's thread: this callback may run on
+        # the client's IO thread, where a blocking call would deadlock.)
+        self._read_commits = self.exactly_once
         log.info("assigned %s; resuming at %s", [tp.partition for tp in partitions], self.offsets or "the beginning")
 
     def _on_revoked(self, partitions: list[TopicPartition]) -> None:
@@ -364,6 +380,15 @@ class StreamService:
             wait_ms = max(0, int(wait_ms - (time.monotonic() - self._pending.since) * 1000))
         room = self.settings.batch.max_size - len(self._pending.records)
         polled = self.consumer.poll(timeout_ms=min(wait_ms, 200) if wait_ms else 0, max_records=max(1, room))
+        if self._read_commits:
+            self._read_commits = False
+            self._published = {}
+            for tp in self.consumer.assignment():
+                committed = self.consumer.committed(tp)
+                if committed is not None and committed > self.offsets.get(tp.partition, 0):
+                    self._published[tp.partition] = committed
+            if self._published:
+                log.info("exactly-once: outputs up to offsets %s are committed already; replaying them without publishing", self._published)
         n = 0
         for records in polled.values():
             if not self._pending.records and records:
@@ -387,6 +412,10 @@ class StreamService:
         When replaying after a crash, batches end exactly where the journal says.
         """
         recs = self._pending.records
+        # Entries the model is already past (written again by an earlier replay) cut nothing.
+        while self.replay and all(self.offsets.get(p, 0) >= o for p, o in self.replay[0].items()):
+            self.replay.popleft()
+        self._from_journal = bool(self.replay)
         if self.replay:
             end = self.replay[0]
             batch, rest = [], []
@@ -401,6 +430,7 @@ class StreamService:
             if not reached:  # the journal does not fit what is read back: cut by size instead
                 log.warning("batch journal does not match the input; cutting batches by size")
                 self.replay.clear()
+                self._published = {}
                 return self._cut()
             self.replay.popleft()
             self._pending.records = rest
@@ -419,6 +449,7 @@ class StreamService:
             batch = self._cut()
             if batch is None:  # a journaled batch whose records never came back: cut by size
                 self.replay.clear()
+                self._published = {}
                 continue
             self._process(batch)
 
@@ -448,6 +479,13 @@ class StreamService:
         """Label, start learning, publish, then record offsets; commit after the outputs are acknowledged."""
         k = self.settings.kafka
         decoded = decode_batch([(r.key, r.value, r.headers) for r in batch], dim=self.model.n_features_in_, max_bytes=k.max_record_bytes)
+        if self._published and all(r.offset < self._published.get(r.partition, 0) for r in batch):
+            self._relearn(batch, decoded)
+            return
+        self._published = {}
+        end: dict[int, int] = {}
+        for r in batch:
+            end[r.partition] = max(end.get(r.partition, 0), r.offset + 1)
         if self.exactly_once:
             self.producer.begin_transaction()
         # The previous batch's update: predict needs the model it leaves (under at-least-once
@@ -455,6 +493,8 @@ class StreamService:
         self._settle()
         model = self.model
         version = int(model.version_)  # the model that labels this batch
+        if not self._from_journal:  # a replayed batch's entry is in the journal already
+            self._journal(end, version)
         send = self.producer.send
         sent = self._unacked
         for pos, err in decoded.failures:
@@ -464,9 +504,6 @@ class StreamService:
             self.metrics.dlq.labels(err.reason).inc()
         if decoded.failures:
             self.metrics.records.labels("dead_lettered").inc(len(decoded.failures))
-        end: dict[int, int] = {}
-        for r in batch:
-            end[r.partition] = max(end.get(r.partition, 0), r.offset + 1)
         valid = [batch[i] for i in decoded.valid]
         if valid:
             ranges: dict[int, tuple[int, int]] = {}
@@ -505,12 +542,23 @@ class StreamService:
         self._batches_since_ckpt += 1
         if self._batches_since_ckpt >= self.settings.checkpoint.interval_batches:
             self.checkpoint()
-        else:
-            self._journal(end, version)
         if self.exactly_once:
             self._committed = dict(self.offsets)
         else:
             self._commit()
+
+    def _relearn(self, batch: list, decoded) -> None:
+        """Exactly-once replay of a batch whose outputs were committed before a crash: learn only."""
+        self._settle()
+        if decoded.valid:
+            self._record_report(self.model.partial_fit(decoded.X))
+        for r in batch:
+            self.offsets[r.partition] = max(self.offsets.get(r.partition, 0), r.offset + 1)
+        self.metrics.records.labels("replayed").inc(len(batch))
+        self._batches_since_ckpt += 1
+        if self._batches_since_ckpt >= self.settings.checkpoint.interval_batches:
+            self.checkpoint()
+        self._committed = dict(self.offsets)
 
     def _record_report(self, report) -> None:
         m = self.metrics

@@ -73,7 +73,7 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
-        self.records = Counter("stream_dec_records_total", "Input records by outcome (labelled, dead_lettered).", ["outcome"], registry=r)
+        self.records = Counter("stream_dec_records_total", "Input records by outcome (labelled, dead_lettered, replayed: relearnt after an exactly-once restart, not republished).", ["outcome"], registry=r)
         self.dlq = Counter("stream_dec_dlq_records_total", "Records sent to the dead-letter topic, by reason.", ["reason"], registry=r)
         self.batches = Counter("stream_dec_batches_total", "Micro-batches processed.", registry=r)
         self.batch_size = Histogram("stream_dec_batch_size_records", "Records per micro-batch.", buckets=_SIZE_BUCKETS, registry=r)
