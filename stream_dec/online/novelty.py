@@ -139,9 +139,9 @@ def propose_anchored(
     max_new: int,
     generator: torch.Generator,
     gate: float = 1.0,
-    candidates: int = 48,
+    candidates: int = 96,
     iters: int = 10,
-    max_failures: int = 3,
+    max_failures: int = 1,
 ) -> list[torch.Tensor]:
     """New centres for window latents ``z`` with the old clusters held fixed.
 
@@ -160,8 +160,12 @@ def propose_anchored(
     out: list[torch.Tensor] = []
     k_nn = max(2, min(n, min_support // 2))
     failures = 0
-    # A failed seed (a group too small once its centre settles) does not end the
-    # search: other groups may still be there, so draw fresh candidates, a few times.
+    # A failed seed (a group too small once its centre settles) may end the search:
+    # on a stationary stream every try ends in failures, and each extra round of
+    # candidates costs as much as the first. One round of 96 candidates finds a group
+    # holding 3% of the window with probability 1 - .97**96 = 95%, and a group missed
+    # now is found at the next try; measured against 3 rounds of 48 over 6 seeds and 3
+    # sets: ACC the same within .002, update 25% faster (docs/experiments.md §8).
     while len(out) < max_new and failures < max_failures:
         idx = torch.randperm(n, generator=generator)[: min(n, candidates)].to(z.device)
         nn_idx = squared_distances(z[idx], z).topk(k_nn, dim=1, largest=False).indices  # [c, k]
