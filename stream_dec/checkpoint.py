@@ -29,18 +29,24 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupt or of an unknown format."""
 
 
-def write_atomic(path: str | os.PathLike, state: dict) -> Path:
-    """Serialise ``state`` to ``path`` atomically (temp file, fsync, rename, fsync dir)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def encode(state: dict) -> bytes:
+    """The bytes of a checkpoint file holding ``state`` (header, sha256, torch payload)."""
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
     digest = hashlib.sha256(payload).hexdigest().encode()
+    return MAGIC + digest + b"\n" + payload
+
+
+def write_atomic(path: str | os.PathLike, state: dict | bytes) -> Path:
+    """Write ``state`` (a dict, or bytes from :func:`encode`) to ``path`` atomically (temp file, fsync, rename, fsync dir)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = state if isinstance(state, bytes) else encode(state)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(MAGIC + digest + b"\n" + payload)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -88,7 +94,7 @@ def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
     return sorted(files, key=lambda p: p.name, reverse=True)
 
 
-def save_to_directory(directory: str | os.PathLike, state: dict, seq: int, keep: int = 3) -> Path:
+def save_to_directory(directory: str | os.PathLike, state: dict | bytes, seq: int, keep: int = 3) -> Path:
     """Write ``ckpt-<seq>.sdec`` into ``directory`` and prune all but the newest ``keep``."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")

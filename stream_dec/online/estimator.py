@@ -786,6 +786,15 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             return ckpt.save_to_directory(p, state, seq=self.version_, keep=keep)
         return ckpt.write_atomic(p, state)
 
+    def snapshot(self, *, extra: dict | None = None) -> bytes:
+        """The checkpoint file's bytes for the current state (write them with ``checkpoint.save_to_directory``).
+
+        Serialising is the only part that must not overlap a ``partial_fit``; the write
+        (fsync included) can then run on another thread.
+        """
+        self._check_fitted()
+        return ckpt.encode(self._state(extra))
+
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> "StreamDEC":
         """Load a checkpoint file, or the newest valid one of a directory.

@@ -124,6 +124,10 @@ class StreamService:
         self._ckpt_version = int(self.model.version_)
         # One learner thread: updates stay strictly ordered, and torch ops release the GIL.
         self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-dec-learn")
+        # Checkpoint files are written (fsync included) off the loop; one at a time, in order.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-dec-checkpoint")
+        self._writing: Future | None = None
+        self._journal_lock = threading.Lock()
         self._update: tuple[Future, dict[int, tuple[int, int]]] | None = None  # running update, its batch's offsets
         self._unacked: list = []  # futures of outputs sent and not yet acknowledged
         self._from_journal = False  # the batch being processed was cut at a journaled boundary
@@ -182,7 +186,7 @@ class StreamService:
         boundaries; under at-least-once a machine crash could lose the newest lines,
         and the replay would then cut by size: nothing lost, duplicates may differ.
         """
-        with open(self.ckpt_dir / JOURNAL, "a", encoding="utf-8") as fh:
+        with self._journal_lock, open(self.ckpt_dir / JOURNAL, "a", encoding="utf-8") as fh:
             # labelled_by: the model version that labels the batch.
             entry = {"base": self._ckpt_version, "labelled_by": labelled_by, "end": {str(p): o for p, o in end.items()}}
             fh.write(json.dumps(entry) + "\n")
@@ -190,25 +194,53 @@ class StreamService:
             if self.exactly_once:
                 os.fsync(fh.fileno())
 
-    def checkpoint(self) -> None:
-        """Write the model with the next offset of every input partition."""
+    def checkpoint(self, *, wait: bool = True) -> None:
+        """Checkpoint the model with the next offset of every input partition.
+
+        The state is serialised here, between updates; the file is written on the
+        checkpoint thread unless ``wait`` (shutdown, revocation), which returns only once
+        it is durable.
+        """
         # The checkpoint holds the model after the last batch's update; that update's drift
         # record must be acknowledged first, or a crash now would lose it for good.
         self._settle()
         self._await_outputs()
+        self._await_checkpoint()
         t0 = time.perf_counter()
         extra = {"offsets": {self.settings.kafka.input_topic: {str(p): o for p, o in self.offsets.items()}}}
+        version = int(self.model.version_)
+        data = self.model.snapshot(extra=extra)
+        # Journal lines from here on follow this checkpoint.
+        self._ckpt_version = version
+        self._batches_since_ckpt = 0
+        self._writing = self._writer.submit(self._write_checkpoint, data, version, t0)
+        if wait:
+            self._await_checkpoint()
+
+    def _write_checkpoint(self, data: bytes, version: int, t0: float) -> None:
+        from stream_dec import checkpoint as ckpt
+
         try:
-            self.model.save(self.ckpt_dir, extra=extra, keep=self.settings.checkpoint.keep)
+            ckpt.save_to_directory(self.ckpt_dir, data, seq=version, keep=self.settings.checkpoint.keep)
         except OSError:
+            # The previous checkpoint and its journal lines stay: a restart replays from there.
             self.metrics.ckpt_failures.inc()
             log.exception("checkpoint failed")
             return
-        # Entries up to this version are inside the checkpoint now.
-        (self.ckpt_dir / JOURNAL).write_text("")
-        self._ckpt_version = int(self.model.version_)
-        self._batches_since_ckpt = 0
+        # Lines of batches inside this checkpoint go; lines written since it was taken stay.
+        with self._journal_lock:
+            path = self.ckpt_dir / JOURNAL
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+            keep = [line for line in lines if json.loads(line).get("base") == version]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(keep), encoding="utf-8")
+            os.replace(tmp, path)
         self.metrics.checkpoint_written(time.perf_counter() - t0)
+
+    def _await_checkpoint(self) -> None:
+        if self._writing is not None:
+            self._writing.result()
+            self._writing = None
 
     # ------------------------------------------------------------ Kafka plumbing
     def _connect(self) -> None:
@@ -267,7 +299,7 @@ class StreamService:
         from stream_dec import CheckpointError
 
         self._settle()
-
+        self._await_checkpoint()
         try:
             newest = self._read_newest()
             if newest.version_ > self.model.version_:
@@ -363,6 +395,7 @@ class StreamService:
     def close(self) -> None:
         """Close clients, the learner thread and the metrics server (idempotent)."""
         self._learner.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
             self.consumer = None
@@ -541,7 +574,7 @@ class StreamService:
         self.processed_batches += 1
         self._batches_since_ckpt += 1
         if self._batches_since_ckpt >= self.settings.checkpoint.interval_batches:
-            self.checkpoint()
+            self.checkpoint(wait=False)
         if self.exactly_once:
             self._committed = dict(self.offsets)
         else:
@@ -557,7 +590,7 @@ class StreamService:
         self.metrics.records.labels("replayed").inc(len(batch))
         self._batches_since_ckpt += 1
         if self._batches_since_ckpt >= self.settings.checkpoint.interval_batches:
-            self.checkpoint()
+            self.checkpoint(wait=False)
         self._committed = dict(self.offsets)
 
     def _record_report(self, report) -> None:
