@@ -23,6 +23,7 @@ from stream_dec.io.codecs import (
     dlq_headers,
     dlq_headers_for,
     encode_assignment,
+    encode_assignments,
     encode_drift,
     encode_float32,
     encode_json,
@@ -174,6 +175,14 @@ def test_assignment_record():
     assert not v.is_valid({k: val for k, val in rec.items() if k != "model_version"})
     with pytest.raises(ValueError, match="may not replace"):
         encode_assignment("doc-1", 3, 0.5, 2, "embeddings", 1, 41, kind="other")
+
+
+def test_batch_assignment_encoding_gives_the_same_bytes():
+    conf = np.array([0.875, 0.1, 1.0, 0.33333334], dtype=np.float32)
+    ids, clusters, parts, offs = ["a", "b\"q", "ü", "d"], [0, 5, 17, 3], [0, 1, 2, 0], [9, 10, 11, 12]
+    got = encode_assignments(ids, clusters, conf, 7, "in", parts, offs)
+    assert got == [encode_assignment(i, c, q, 7, "in", p, o) for i, c, q, p, o in zip(ids, clusters, conf, parts, offs)]
+    assert orjson.loads(got[3])["confidence"] == 0.33333334 and encode_assignments([], [], conf[:0], 1, "in", [], []) == []
 
 
 def test_drift_record_from_a_real_report():

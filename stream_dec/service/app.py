@@ -42,7 +42,7 @@ from kafka.coordinator.assignors.abstract import (
 )
 from kafka.structs import OffsetAndMetadata
 
-from stream_dec.io.codecs import decode_batch, dlq_headers_for, encode_assignment, encode_drift
+from stream_dec.io.codecs import decode_batch, dlq_headers_for, encode_assignments, encode_drift
 from stream_dec.io.partitioner import default_partitions
 from stream_dec.service.metrics import MetricsServer, ServiceMetrics
 from stream_dec.settings import Settings
@@ -339,7 +339,13 @@ class StreamService:
         self.metrics.assigned.set(0)
         self._owns = False
 
-    def _commit(self) -> None:
+    def _commit(self, *, wait: bool = False) -> None:
+        """Commit the consumed offsets: asynchronously per batch, synchronously (``wait``) at shutdown.
+
+        Resuming relies on the checkpoint's offsets, not on the group's, so a lost
+        asynchronous commit only delays what lag monitors see; waiting for each one
+        would block the loop for a broker round trip per batch.
+        """
         # Under exactly-once the offsets were committed inside each batch's transaction.
         if not self.offsets or self.consumer is None or self.exactly_once:
             return
@@ -348,10 +354,10 @@ class StreamService:
         offsets = {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in self.offsets.items() if p in assigned}
         if not offsets:
             return
-        if self._in_callback:
-            self.consumer.commit_async(offsets)
-        else:
+        if wait and not self._in_callback:  # no blocking calls on the client's IO thread
             self.consumer.commit(offsets)
+        else:
+            self.consumer.commit_async(offsets, callback=_log_commit_failure)
         self._committed = dict(self.offsets)
 
     # ------------------------------------------------------------ the loop
@@ -387,7 +393,7 @@ class StreamService:
             self._flush_pending()
             if self._owns:  # a standby must not write its stale model over the owner's
                 self.checkpoint()
-                self._commit()
+                self._commit(wait=True)
         finally:
             self.close()
         return 0
@@ -549,9 +555,11 @@ class StreamService:
             keys = [item_id.encode() for item_id in decoded.ids]
             # Kafka's own key partitioning, computed for the whole batch (see io/partitioner.py).
             parts = default_partitions(keys, self.producer.partitions_for(k.output_topic)).tolist()
-            for item_id, key, part, r, cluster, confidence in zip(decoded.ids, keys, parts, valid, labels.tolist(), conf):
-                value = encode_assignment(item_id, cluster, confidence, version, r.topic, r.partition, r.offset)
-                sent.append(send(k.output_topic, key=key, value=value, partition=part))
+            values = encode_assignments(
+                decoded.ids, labels.tolist(), conf, version, valid[0].topic, [r.partition for r in valid], [r.offset for r in valid]
+            )
+            out = k.output_topic
+            sent.extend(send(out, key=key, value=value, partition=part) for key, value, part in zip(keys, values, parts))
             self._update = (self._learner.submit(model.partial_fit, decoded.X), ranges)
         if self.exactly_once:
             # Outputs, drift record and the batch's offsets become visible together, or not
@@ -614,6 +622,11 @@ class StreamService:
             hw = self.consumer.highwater(tp)
             if hw is not None:
                 self.metrics.lag.labels(str(tp.partition)).set(max(0, hw - self.consumer.position(tp)))
+
+
+def _log_commit_failure(offsets, response) -> None:
+    if isinstance(response, Exception):
+        log.warning("offset commit failed (the next one supersedes it): %s", response)
 
 
 class _Rebalance(ConsumerRebalanceListener):
