@@ -159,7 +159,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         centre_rule: str = "mean",
         remember: str = "founding",
         spawn_refine_iters: int = 5,
-        new_cluster_churn: float = 0.0005,
+        new_cluster_churn: float = 0.002,
         max_churn: float = 0.005,
         max_total_churn: float = 0.005,
         buffer_size: int = 4096,
