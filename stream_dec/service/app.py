@@ -128,6 +128,9 @@ class StreamService:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-dec-checkpoint")
         self._writing: Future | None = None
         self._journal_lock = threading.Lock()
+        # kafka-python 3 runs rebalance callbacks on its IO thread, at any time: batch
+        # processing there (flush on revoke) and on the loop's thread must not interleave.
+        self._lock = threading.RLock()
         self._update: tuple[Future, dict[int, tuple[int, int]]] | None = None  # running update, its batch's offsets
         self._unacked: list = []  # futures of outputs sent and not yet acknowledged
         self._from_journal = False  # the batch being processed was cut at a journaled boundary
@@ -289,6 +292,10 @@ class StreamService:
         return f"stream-dec-{self.settings.kafka.group_id}-{self.settings.kafka.input_topic}"
 
     def _on_assigned(self, partitions: list[TopicPartition]) -> None:
+        with self._lock:
+            self._assigned(partitions)
+
+    def _assigned(self, partitions: list[TopicPartition]) -> None:
         self.metrics.assigned.set(len(partitions))
         self._owns = bool(partitions)
         self._last_activity = time.monotonic()
@@ -328,16 +335,17 @@ class StreamService:
     def _on_revoked(self, partitions: list[TopicPartition]) -> None:
         # Runs on the client's IO thread (kafka-python 3): no blocking consumer calls here,
         # so the commit is asynchronous. On our own shutdown everything is already done.
-        if partitions and (self._pending.records or self.offsets != self._committed):
-            self._in_callback = True
-            try:
-                self._flush_pending()
-                self.checkpoint()
-                self._commit()
-            finally:
-                self._in_callback = False
-        self.metrics.assigned.set(0)
-        self._owns = False
+        with self._lock:
+            if partitions and (self._pending.records or self.offsets != self._committed):
+                self._in_callback = True
+                try:
+                    self._flush_pending()
+                    self.checkpoint()
+                    self._commit()
+                finally:
+                    self._in_callback = False
+            self.metrics.assigned.set(0)
+            self._owns = False
 
     def _commit(self, *, wait: bool = False) -> None:
         """Commit the consumed offsets: asynchronously per batch, synchronously (``wait``) at shutdown.
@@ -390,10 +398,11 @@ class StreamService:
                 if max_idle_s is not None and self._last_activity and not self._pending.records and idle > max_idle_s:
                     log.info("no records for %.1fs: stopping", max_idle_s)
                     break
-            self._flush_pending()
-            if self._owns:  # a standby must not write its stale model over the owner's
-                self.checkpoint()
-                self._commit(wait=True)
+            with self._lock:
+                self._flush_pending()
+                if self._owns:  # a standby must not write its stale model over the owner's
+                    self.checkpoint()
+                    self._commit(wait=True)
         finally:
             self.close()
         return 0
@@ -429,21 +438,23 @@ class StreamService:
             if self._published:
                 log.info("exactly-once: outputs up to offsets %s are committed already; replaying them without publishing", self._published)
         n = 0
-        for records in polled.values():
-            if not self._pending.records and records:
-                self._pending.since = time.monotonic()
-            self._pending.records.extend(records)
-            n += len(records)
+        with self._lock:  # not around poll(): a rebalance callback inside it takes the lock
+            for records in polled.values():
+                if not self._pending.records and records:
+                    self._pending.since = time.monotonic()
+                self._pending.records.extend(records)
+                n += len(records)
         if n:
             self._update_lag()
         return n
 
     def _maybe_process(self) -> None:
-        while self._pending.records:
-            batch = self._cut()
-            if batch is None:
-                return
-            self._process(batch)
+        with self._lock:
+            while self._pending.records:
+                batch = self._cut()
+                if batch is None:
+                    return
+                self._process(batch)
 
     def _cut(self) -> list | None:
         """The next batch to process, or None while it is still filling.
