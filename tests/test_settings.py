@@ -27,7 +27,7 @@ def test_defaults():
     assert (s.kafka.group_id, s.kafka.input_topic, s.kafka.output_topic, s.kafka.dlq_topic) == ("stream-dec", "embeddings", "labels", "embeddings.dlq")
     assert s.kafka.processing_guarantee == "at_least_once"
     assert s.kafka.heartbeat_interval_ms < s.kafka.session_timeout_ms <= s.kafka.max_poll_interval_ms
-    assert (s.batch.max_size, s.batch.max_wait_ms) == (1024, 500)
+    assert (s.batch.max_size, s.batch.max_wait_ms) == (4096, 500)
     assert (s.checkpoint.dir, s.checkpoint.interval_batches, s.checkpoint.keep) == (Path("checkpoints"), 10, 3)
     assert (s.metrics.port, s.model.device, s.log_level) == (9400, "auto", "INFO")
     assert s.update.max_steps >= 0 and s.update.max_ms > 0

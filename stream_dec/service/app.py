@@ -101,10 +101,12 @@ class StreamService:
 
     def __init__(self, settings: Settings, model: Any | None = None):
         self.settings = settings
-        if settings.model.threads:
-            import torch
+        import torch
 
-            torch.set_num_threads(settings.model.threads)
+        # Not torch's own default: that counts the host's cores, also inside a container
+        # limited to a few (OpenMP threads then spin against each other).
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(settings.model.threads or usable)
         self.ckpt_dir = Path(settings.checkpoint.dir)
         self.metrics = ServiceMetrics()
         self.model = model if model is not None else self._load_newest()
