@@ -899,7 +899,7 @@ def table(rows: list[dict]) -> str:
     lines.append("rec/s = best of the repeats; ratio = median of the paired (adjacent bare, service) ratios; pairs = each pair's ratio")
     lines.append("cpu b/s us = CPU microseconds per record of this process (all its threads, not the broker), bare/service; cpu r = their ratio (median runs), a noise-robust companion of ratio")
     lines.append("oth = average CPU cores used by other processes (not this benchmark, not its broker) during the cell: a noise gauge on this 2-core machine")
-    lines.append("upd = partial_fit update_ms per batch; blk = poll loop blocked per batch (_process, ms): decode+predict+update+send+flush/acks+journal/checkpoint+commit")
+    lines.append("upd = partial_fit update_ms per batch (on the learner thread, overlapping the loop: its phase share overlaps the others); blk = poll loop blocked per batch (_process, ms): decode+wait for the previous update+predict+send+flush/acks+journal/checkpoint snapshot+commit")
     return "\n".join(lines)
 
 
