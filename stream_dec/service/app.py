@@ -236,7 +236,7 @@ class StreamService:
         with self._journal_lock:
             path = self.ckpt_dir / JOURNAL
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
-            keep = [line for line in lines if json.loads(line).get("base") == version]
+            keep = [line for line in lines if _journal_base(line) == version]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(keep), encoding="utf-8")
             os.replace(tmp, path)
@@ -393,7 +393,8 @@ class StreamService:
                     self._last_activity = time.monotonic()
                 self._maybe_process()
                 if self._update is not None and self._update[0].done():
-                    self._settle()  # publish the drift record now rather than with the next batch
+                    with self._lock:
+                        self._settle()  # publish the drift record now rather than with the next batch
                 idle = time.monotonic() - self._last_activity
                 # The idle clock starts at the first partition assignment: a group join
                 # alone takes about half the session timeout.
@@ -635,6 +636,13 @@ class StreamService:
             hw = self.consumer.highwater(tp)
             if hw is not None:
                 self.metrics.lag.labels(str(tp.partition)).set(max(0, hw - self.consumer.position(tp)))
+
+
+def _journal_base(line: str) -> int | None:
+    try:
+        return json.loads(line).get("base")
+    except ValueError:  # a torn line from a crash mid-write
+        return None
 
 
 def _log_commit_failure(offsets, response) -> None:
