@@ -26,8 +26,8 @@ def _env(broker, tag, ckpt):
         STREAM_DEC_KAFKA__INPUT_TOPIC=f"in-{tag}",
         STREAM_DEC_KAFKA__OUTPUT_TOPIC=f"out-{tag}",
         STREAM_DEC_KAFKA__DLQ_TOPIC=f"dlq-{tag}",
-        STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS="6000",
-        STREAM_DEC_KAFKA__HEARTBEAT_INTERVAL_MS="1000",
+        STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS="3000",
+        STREAM_DEC_KAFKA__HEARTBEAT_INTERVAL_MS="500",
         STREAM_DEC_BATCH__MAX_SIZE="50",
         STREAM_DEC_BATCH__MAX_WAIT_MS="100",
         STREAM_DEC_CHECKPOINT__DIR=str(ckpt),
@@ -126,7 +126,9 @@ def test_kill_9_then_restart_labels_everything_and_replays_identically(broker, b
         time.sleep(0.05)
     out, err = restarted.communicate(timeout=90)
     assert restarted.returncode == 0, err
-    assert first_new is not None and first_new < 15
+    # The recovery target. Most of it is the group join: the killed member holds
+    # the partitions until its session (3 s here) expires.
+    assert first_new is not None and first_new < 10, first_new
 
     labels = _assignments(broker, tag, _count_outputs(broker, tag))  # every output, not the first n
     by_id: dict[str, list[dict]] = {}
