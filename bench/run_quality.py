@@ -262,7 +262,7 @@ def run_metadata(args: argparse.Namespace, params: dict[str, Any], variants: lis
 
 
 def _jsonable(obj: Any) -> Any:
-    # Strict JSON: NaN -> null, numpy scalars/arrays and tuples -> plain Python.
+    # Strict JSON: NaN/inf -> null, numpy scalars/arrays and tuples -> plain Python.
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -271,7 +271,7 @@ def _jsonable(obj: Any) -> Any:
         return _jsonable(obj.tolist())
     if isinstance(obj, np.generic):
         return _jsonable(obj.item())
-    if isinstance(obj, float) and math.isnan(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj

@@ -88,6 +88,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+try:  # imported as part of the namespace package ``bench``
+    from .run_quality import write_json
+except ImportError:
+    from run_quality import write_json
+
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "stackoverflow.npz"
 DIMS = (384, 768)
 FORMATS = ("float32", "json")
@@ -133,31 +138,6 @@ def hist_summary(histogram) -> dict[str, Any]:
         "p50_le": hist_quantile(histogram, 0.50),
         "p99_le": hist_quantile(histogram, 0.99),
     }
-
-
-def jsonable(obj: Any) -> Any:
-    """Strict-JSON version of ``obj`` (NaN/inf -> None, numpy -> Python)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return repr(obj)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` atomically (a crash never leaves a truncated file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(jsonable(payload), indent=1, allow_nan=False))
-    tmp.replace(path)
 
 
 def loadavg() -> list[float]:
