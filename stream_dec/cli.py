@@ -129,10 +129,10 @@ def _cmd_produce(args: argparse.Namespace) -> int:
     if bad_rows:
         print(f"warning: {bad_rows} rows hold NaN/inf values; the service will dead-letter them", file=sys.stderr)
 
-    from kafka import KafkaProducer
     from kafka.errors import KafkaError, KafkaTimeoutError
 
-    timeout_ms = int(args.timeout * 1000)
+    from stream_dec.io.producer import make_producer
+
     if args.create_topic or args.partitions is not None:
         from stream_dec.io.broker import BrokerError, create_topics
 
@@ -143,20 +143,12 @@ def _cmd_produce(args: argparse.Namespace) -> int:
 
     row_bytes = Xf.shape[1] * (4 if args.format == "float32" else 24)
     try:
-        producer = KafkaProducer(
-            bootstrap_servers=args.bootstrap_servers,
+        producer = make_producer(
+            args.bootstrap_servers,
             client_id="stream-dec-produce",
-            acks="all" if args.acks == "all" else int(args.acks),
-            # Idempotence needs acks=all; say so instead of letting the client warn.
-            enable_idempotence=args.acks == "all",
-            # Large batches and a short linger: 3-9x the default throughput (KAFKA_NOTES.md).
-            linger_ms=20,
-            batch_size=1_000_000,
-            max_request_size=max(4 * 1_048_576, 2 * row_bytes + 65_536),
-            bootstrap_timeout_ms=timeout_ms,
-            max_block_ms=timeout_ms,
-            request_timeout_ms=timeout_ms,
-            delivery_timeout_ms=max(3 * timeout_ms, 30_000),
+            acks=args.acks,
+            max_record_bytes=row_bytes,
+            timeout_s=args.timeout,
         )
     except KafkaError as exc:
         raise ValueError(f"cannot reach a broker at {args.bootstrap_servers} within {args.timeout:g} s ({exc})") from None

@@ -264,9 +264,8 @@ def _producer_main(argv: list[str] | None = None) -> int:
     it would compete with the service for the GIL, delay its own sends and distort the
     measured latency. Records are paced by the clock to RATE records/s (0: unpaced).
     """
-    from kafka import KafkaProducer
-
     from stream_dec.io.codecs import CONTENT_TYPE_FLOAT32, CONTENT_TYPE_HEADER
+    from stream_dec.io.producer import PACED_LINGER_MS, make_producer
 
     path, servers, topic, rate_text = argv if argv is not None else sys.argv[1:]
     rate = float(rate_text)
@@ -274,9 +273,8 @@ def _producer_main(argv: list[str] | None = None) -> int:
         keys, lengths, blob, f32 = z["keys"], z["lengths"], z["blob"].tobytes(), z["float32"]
     header = [(CONTENT_TYPE_HEADER, CONTENT_TYPE_FLOAT32.encode())]
     try:
-        # The tuned settings of `stream-dec produce`; a short linger when paced, so records leave at once.
-        producer = KafkaProducer(bootstrap_servers=servers, client_id="stream-dec-demo", acks="all", enable_idempotence=True,
-                                 linger_ms=5 if rate else 20, batch_size=1_000_000, max_request_size=4 * 1_048_576)
+        overrides = {"linger_ms": PACED_LINGER_MS} if rate else {}
+        producer = make_producer(servers, client_id="stream-dec-demo", **overrides)
     except Exception as exc:
         print(f"cannot connect a producer to {servers}: {exc!r}", file=sys.stderr)
         return 1

@@ -53,19 +53,15 @@ def _bad_records():
 
 
 def _connect(servers: str, timeout_s: float):
-    from kafka import KafkaProducer
+    """A producer for the paced stream, retrying while the broker starts (compose starts both at once)."""
     from kafka.errors import KafkaError
+
+    from stream_dec.io.producer import PACED_LINGER_MS, make_producer
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return KafkaProducer(
-                bootstrap_servers=servers.split(","),
-                client_id="stream-dec-demo-producer",
-                acks="all",
-                linger_ms=50,
-                batch_size=256 * 1024,
-            )
+            return make_producer(servers, client_id="stream-dec-demo-producer", linger_ms=PACED_LINGER_MS)
         except KafkaError as exc:
             if time.monotonic() > deadline or _STOP:
                 raise SystemExit(f"stream-dec-demo-producer: no broker at {servers} after {timeout_s:g} s ({exc})")
