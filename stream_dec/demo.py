@@ -29,12 +29,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from stream_dec.evaluation.protocol import SEGMENTS, class_incremental_split
+from stream_dec.io.codecs import REASON_HEADER
+
 SAMPLE_NAME = "banking77_sample.npz"
-BASE_CLASS_SHARE = 0.6
-BASE_SHARE = 0.5
-REF_SHARE = 0.2
-SEGMENTS = 20  # the stream protocol's T: novel classes start in one of the first T/2 segments
-REASON_HEADER = "__stream_dec.errors.reason"
 
 
 class DemoError(RuntimeError):
@@ -101,35 +99,19 @@ class DemoSplit:
 
 
 def split_like_protocol(y: np.ndarray, seed: int, segments: int = SEGMENTS) -> DemoSplit:
-    """Seeded class-incremental split, as ``bench/protocol.py`` does it.
+    """The stream protocol's seeded class-incremental split, flattened into one stream.
 
-    60% of the classes are base classes; each base class gives 50% of its items to
-    ``fit``, 20% to REF (never streamed nor trained on) and 30% to the stream. Novel
-    classes go to the stream whole, each starting in a random one of the first half of
-    ``segments`` equal stretches of the stream, so new clusters must appear mid-stream.
+    :func:`~stream_dec.evaluation.protocol.class_incremental_split` (the quality
+    benchmark's split): 60% of the classes are base classes; each base class gives 50%
+    of its items to ``fit``, 20% to REF (never streamed nor trained on) and 30% to the
+    stream. Novel classes go to the stream whole, each starting in a random one of the
+    first half of ``segments`` equal stretches of the stream, so new clusters must
+    appear mid-stream.
     """
-    rng = np.random.default_rng(seed)
-    classes = np.unique(y)
-    base_classes = np.sort(rng.choice(classes, int(round(BASE_CLASS_SHARE * len(classes))), replace=False))
-    novel_classes = np.setdiff1d(classes, base_classes)
-    parts: list[list[np.ndarray]] = [[] for _ in range(segments)]
-    fit, ref = [], []
-
-    def spread(items: np.ndarray, first: int) -> None:
-        for t, chunk in zip(range(first, segments), np.array_split(items, segments - first)):
-            parts[t].append(chunk)
-
-    for c in base_classes:
-        idx = rng.permutation(np.flatnonzero(y == c))
-        n_fit, n_ref = int(round(BASE_SHARE * len(idx))), int(round(REF_SHARE * len(idx)))
-        fit.append(idx[:n_fit])
-        ref.append(idx[n_fit : n_fit + n_ref])
-        spread(idx[n_fit + n_ref :], 0)
-    for c in novel_classes:
-        spread(rng.permutation(np.flatnonzero(y == c)), int(rng.integers(0, segments // 2)))
-    stream = np.concatenate([rng.permutation(np.concatenate(p)) for p in parts if p])
-    novel_start = {int(c): int(np.flatnonzero(y[stream] == c)[0]) for c in novel_classes}
-    return DemoSplit(np.sort(np.concatenate(fit)), np.sort(np.concatenate(ref)), stream, base_classes, novel_classes, novel_start)
+    split = class_incremental_split(y, seed, segments)
+    stream = split.stream
+    novel_start = {int(c): int(np.flatnonzero(y[stream] == c)[0]) for c in split.novel_classes}
+    return DemoSplit(split.base, split.ref, stream, split.base_classes, split.novel_classes, novel_start)
 
 
 def malformed_records(dim: int, rng: np.random.Generator) -> list[tuple[bytes, bytes, list, str]]:

@@ -11,6 +11,7 @@ cuts), too close to the 2% bound for a test.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -120,6 +121,23 @@ def test_split_follows_the_stream_protocol():
     assert not np.isin(sample.y[split.fit], split.novel_classes).any()
     assert max(split.novel_start.values()) < len(split.stream) // 2  # every new intent starts in the first half
     assert split_like_protocol(sample.y, seed=0).stream.tolist() == split.stream.tolist()
+
+
+def test_split_is_the_benchmark_split_and_unchanged_for_its_seed():
+    from stream_dec.demo import load_sample, split_like_protocol
+    from stream_dec.evaluation.protocol import class_incremental_split
+
+    y = load_sample(SAMPLE).y
+    split = split_like_protocol(y, seed=0)
+    bench = class_incremental_split(y, seed=0)
+    assert np.array_equal(split.fit, bench.base) and np.array_equal(split.ref, bench.ref)
+    assert np.array_equal(split.stream, bench.stream)
+    # The split the demo has always streamed for seed 0, so its reports stay comparable.
+    assert split.base_classes.tolist() == [0, 1, 3, 4, 6, 7, 9, 11, 13, 14, 16, 17, 18, 20]
+    assert sorted(split.novel_start.values()) == [7, 103, 105, 236, 237, 326, 410, 503, 510, 513]
+    assert split.stream[:8].tolist() == [3383, 1793, 1552, 3319, 482, 522, 2172, 3236]
+    digests = [hashlib.sha256(a.astype("<i8").tobytes()).hexdigest()[:16] for a in (split.fit, split.ref, split.stream)]
+    assert digests == ["59c19ac8460e5c12", "44db62b80e0dcbf4", "91281ced9f6fd7e1"]
 
 
 def test_bad_data_file_is_a_clear_error(tmp_path):
