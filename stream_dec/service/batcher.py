@@ -1,0 +1,142 @@
+"""The batcher: polled records wait here until they form the next micro-batch.
+
+A batch closes at ``max_size`` records or ``max_wait_ms`` after its first record,
+whichever comes first. After a crash the batcher replays the journal instead: each
+batch ends exactly where a journaled batch ended, so the model sees the batches it saw
+before and labels them the same way.
+
+Invariants:
+
+* Records leave in the order they arrived, each in exactly one batch.
+* While replaying, a batch is cut only once every partition of the journaled end has
+  been read up to it; a journal line the model is already past cuts nothing.
+* When the input does not match the journal (a journaled end is not reached after
+  :data:`REPLAY_LOOKAHEAD` batches' worth of records, or the records must go now), the
+  replay is abandoned and batches are cut by size: nothing is lost, but duplicates of
+  those batches may carry other labels.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from stream_dec.service.journal import JournalLine
+
+log = logging.getLogger("stream_dec.service")
+
+#: Batches' worth of records read past a journaled boundary before it counts as missing.
+REPLAY_LOOKAHEAD = 4
+
+
+@dataclass
+class Batch:
+    """Records to process together, and where they end."""
+
+    records: list
+    #: Next offset of every partition the batch read from.
+    end: dict[int, int]
+    #: The journal line this batch was cut at (a replay), or None (a new batch, to journal).
+    journaled: JournalLine | None = None
+
+
+def end_offsets(records: Iterable) -> dict[int, int]:
+    """The next offset of every partition among ``records``."""
+    end: dict[int, int] = {}
+    for r in records:
+        end[r.partition] = max(end.get(r.partition, 0), r.offset + 1)
+    return end
+
+
+class Batcher:
+    """Pending records and the rule that cuts them into batches.
+
+    ``on_replay_abandoned`` is called when the journal stops describing the input (the
+    exactly-once outputs then stop treating replayed batches as published).
+    ``clock``: seconds, monotonic (the batch wait is measured with it).
+    """
+
+    def __init__(self, max_size: int, max_wait_ms: int, *, on_replay_abandoned: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_size = max_size
+        self.max_wait_ms = max_wait_ms
+        self.pending: list = []
+        self.since = 0.0  # when the oldest pending record arrived
+        self.replay: collections.deque[JournalLine] = collections.deque()
+        self._on_abandoned = on_replay_abandoned or (lambda: None)
+        self._clock = clock
+
+    def add(self, records: list) -> None:
+        """Append polled records (one partition's, in offset order)."""
+        if records and not self.pending:
+            self.since = self._clock()
+        self.pending.extend(records)
+
+    def poll_budget(self) -> tuple[int, int]:
+        """(milliseconds the next poll may wait, records it may return) for the batch being filled."""
+        wait_ms = self.max_wait_ms
+        if self.pending:
+            wait_ms = max(0, int(wait_ms - (self._clock() - self.since) * 1000))
+        return wait_ms, max(1, self.max_size - len(self.pending))
+
+    def replay_from(self, lines: Iterable[JournalLine]) -> None:
+        """Cut the next batches at these journaled ends (the lines following the loaded checkpoint)."""
+        self.replay = collections.deque(lines)
+
+    def cut(self, offsets: dict[int, int], *, now: bool = False) -> Batch | None:
+        """The next batch, or None while it is still filling.
+
+        ``offsets``: the model's next offset per partition. ``now``: the pending records
+        must go (shutdown, revocation): cut without waiting, abandoning a replay whose
+        end has not been read.
+        """
+        if not self.pending:
+            return None
+        # Lines the model is already past (journaled again by an earlier replay) cut nothing.
+        while self.replay and self.replay[0].covered_by(offsets):
+            self.replay.popleft()
+        if self.replay:
+            batch = self._cut_replay(offsets, now)
+            if batch is not None:
+                return batch
+            if self.replay:  # still waiting for the journaled end
+                return None
+        return self._cut_by_size(now)
+
+    def _cut_replay(self, offsets: dict[int, int], now: bool) -> Batch | None:
+        line = self.replay[0]
+        seen: dict[int, int] = {}
+        for r in self.pending:
+            seen[r.partition] = max(seen.get(r.partition, -1), r.offset)
+        reached = all(seen.get(p, -1) >= o - 1 or offsets.get(p, 0) >= o for p, o in line.end.items())
+        if not reached:
+            if now or len(self.pending) >= REPLAY_LOOKAHEAD * self.max_size:
+                self._abandon_replay("now" if now else "mismatch")
+            return None
+        self.replay.popleft()
+        batch, rest = [], []
+        for r in self.pending:
+            (batch if r.offset < line.end.get(r.partition, 0) else rest).append(r)
+        self.pending = rest
+        self.since = self._clock()
+        return Batch(batch, end_offsets(batch), journaled=line)
+
+    def _cut_by_size(self, now: bool) -> Batch | None:
+        full = len(self.pending) >= self.max_size
+        waited = (self._clock() - self.since) * 1000 >= self.max_wait_ms
+        if not (full or waited or now):
+            return None
+        batch, self.pending = self.pending[: self.max_size], self.pending[self.max_size :]
+        self.since = self._clock()
+        return Batch(batch, end_offsets(batch))
+
+    def _abandon_replay(self, why: str) -> None:
+        if why == "mismatch":
+            log.warning("batch journal does not match the input; cutting batches by size")
+        else:
+            log.info("journaled batch not read back before the records must go; cutting batches by size")
+        self.replay.clear()
+        self._on_abandoned()
