@@ -12,6 +12,8 @@ import pytest
 
 from stream_dec.io.codecs import (
     CONTENT_TYPE_FLOAT32,
+    DEFAULT_MAX_ID_BYTES,
+    DEFAULT_MAX_KEY_BYTES,
     REASON_HEADER,
     REASONS,
     STAGE_DECODE,
@@ -82,6 +84,8 @@ REJECT = [
     ("null_value", b"k", None, None, 4, 1024),
     ("too_large", b"k", encode_json("a", np.ones(100)), None, None, 256),
     ("too_large", b"k", encode_float32(np.ones(100)), F32, None, 256),
+    ("key_too_large", b"k" * (DEFAULT_MAX_KEY_BYTES + 1), encode_json("a", np.ones(4)), None, 4, 1024),
+    ("key_too_large", b"k" * (DEFAULT_MAX_KEY_BYTES + 1), GOOD, F32, 4, 1024),
     ("unsupported_content_type", b"k", b"{}", [("content-type", b"text/plain")], None, 1024),
     ("bad_json", None, b'{"id": "a", "embedding": [1, 2', None, None, 1024),
     ("bad_json", None, b"\xff\xfe{}", None, None, 1024),
@@ -94,6 +98,9 @@ REJECT = [
     ("bad_id", None, b'{"id": 17, "embedding": [1, 2]}', None, None, 1024),
     ("bad_id", None, b'{"id": "", "embedding": [1, 2]}', None, None, 1024),
     ("bad_id", None, b'{"id": null, "embedding": [1, 2]}', None, None, 1024),
+    ("id_too_large", None, encode_json("i" * (DEFAULT_MAX_ID_BYTES + 1), np.ones(4)), None, 4, 4096),
+    ("id_too_large", None, encode_json("\U0001f600" * (DEFAULT_MAX_ID_BYTES // 4 + 1), np.ones(4)), None, 4, 4096),  # counted in UTF-8 bytes
+    ("id_too_large", b"i" * (DEFAULT_MAX_ID_BYTES + 1), GOOD, F32, 4, 1024),  # a float32 record's id is its key
     ("missing_embedding", None, b'{"id": "a"}', None, None, 1024),
     ("bad_embedding", None, b'{"id": "a", "embedding": "1,2"}', None, None, 1024),
     ("bad_embedding", None, b'{"id": "a", "embedding": {"x": 1}}', None, None, 1024),
@@ -125,9 +132,57 @@ def test_rejection(reason, key, value, headers, dim, max_bytes):
     assert str(err) == f"{reason}: {err.detail}" and isinstance(err, ValueError)
 
 
+@pytest.mark.parametrize("reason,key,value,headers,dim,max_bytes", REJECT, ids=[f"{c[0]}-{i}" for i, c in enumerate(REJECT)])
+def test_rejection_in_a_batch(reason, key, value, headers, dim, max_bytes):
+    """The batch decoder gives the same reason, alone and between two good records."""
+    good = (b"g", encode_float32(np.ones(dim or 4)), F32)
+    got = decode_batch([good, (key, value, headers), good], dim=dim or 4, max_bytes=max_bytes)
+    assert got.valid == [0, 2] and [(pos, err.reason) for pos, err in got.failures] == [(1, reason)]
+
+
 def test_every_reason_is_tested_and_stages_are_known():
+    import stream_dec.io.codecs as codecs
+
     assert {c[0] for c in REJECT} == set(REASONS)
     assert {stage for stage, _ in REASONS.values()} == {STAGE_DECODE, STAGE_VALIDATE}
+    table = {line.split()[0]: line.split()[1] for line in codecs.__doc__.splitlines() if line.split()[:1] and line.split()[0] in REASONS}
+    assert table == {reason: stage for reason, (stage, _) in REASONS.items()}  # the module docstring's table
+
+
+def test_size_limits_are_inclusive_and_parameters():
+    vec = np.ones(4, np.float32)
+    at_key, at_id = b"k" * DEFAULT_MAX_KEY_BYTES, "\U0001f600" * (DEFAULT_MAX_ID_BYTES // 4)
+    assert decode_record(at_key, encode_json("a", vec), dim=4)[0] == "a"  # a JSON record's key is not its id
+    assert decode_record(None, encode_json(at_id, vec), dim=4, max_bytes=1 << 16)[0] == at_id
+    assert decode_record(b"i" * DEFAULT_MAX_ID_BYTES, GOOD, F32, dim=4)[0] == "i" * DEFAULT_MAX_ID_BYTES
+    assert decode_record(b"", encode_json("a", vec), dim=4)[0] == "a"  # an empty key is a key, not a missing one
+    with pytest.raises(DecodeError, match="key_too_large: the key is 9 bytes, over the limit of 8"):
+        decode_record(b"123456789", encode_json("a", vec), max_key_bytes=8)
+    with pytest.raises(DecodeError, match="id_too_large: the item id is 4 bytes as UTF-8, over the limit of 3"):
+        decode_record(None, encode_json("abcd", vec), max_id_bytes=3)
+    with pytest.raises(DecodeError, match="id_too_large: the item id is 4 bytes"):
+        decode_record(b"\xc3\xbc\xc3\xbc", GOOD, F32, max_id_bytes=3)  # "üü": 2 characters, 4 bytes
+    got = decode_batch([(b"abcd", GOOD, F32), (b"abc", GOOD, F32), (None, encode_json("abcd", vec), None)], dim=4, max_id_bytes=3)
+    assert got.ids == ["abc"] and [(p, e.reason) for p, e in got.failures] == [(0, "id_too_large"), (2, "id_too_large")]
+    got = decode_batch([(b"abcd", GOOD, F32), (b"abc", GOOD, F32)], dim=4, max_key_bytes=3)
+    assert got.ids == ["abc"] and [(p, e.reason) for p, e in got.failures] == [(0, "key_too_large")]
+
+
+def test_null_header_values_and_bytes_header_names():
+    vec = np.arange(4, dtype=np.float32)
+    ok = [
+        (b"f", encode_float32(vec), [("trace", None), ("content-type", CONTENT_TYPE_FLOAT32.encode()), ("x", None)]),
+        (None, encode_json("j", vec), [("content-type", None)]),  # a null content-type is no content-type: JSON
+        (b"b", encode_float32(vec), [(b"content-type", CONTENT_TYPE_FLOAT32.encode())]),
+        (None, encode_json("n", vec), None),
+        (None, encode_json("e", vec), []),
+    ]
+    got = decode_batch(ok, dim=4)
+    assert got.ids == ["f", "j", "b", "n", "e"] and not got.failures and np.array_equal(got.X, np.tile(vec, (5, 1)))
+    assert content_type([("content-type", None), ("Content-Type", b"application/json")]) == "application/json"
+    tombstones = [(None, None, None), (b"k", None, [("trace", None)]), (b"k" * 100_000, None, None)]
+    got = decode_batch(tombstones, dim=4)
+    assert [e.reason for _, e in got.failures] == ["null_value"] * 3 and got.X.shape == (0, 4)
 
 
 def test_decode_error_pickles():
@@ -148,7 +203,7 @@ def test_encoders_refuse_non_vectors():
 
 
 def test_schemas_are_valid_draft_2020_12():
-    for name in ("input", "assignment", "drift", "dlq-headers"):
+    for name in ("input", "assignment", "drift", "dlq-headers", "dlq-value-stub"):
         s = schema(name)
         assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema"
         jsonschema.Draft202012Validator.check_schema(s)
@@ -226,6 +281,13 @@ def test_dlq_headers():
     assert h["__connect.errors.exception.class.name"] == "stream_dec.io.codecs.DecodeError"
     assert h["__connect.errors.exception.message"] == "wrong_dimension: expected 384 values, got 768"
     validator("dlq-headers").validate(h)
+
+    # A null header value (legal in Kafka, sent by librdkafka producers) is sent empty and
+    # its position noted; kafka-python's send() refuses None.
+    nulls = dlq_headers_for(err, [("a", None), ("b", b"x"), ("c", None)], "embeddings", 0, 1)
+    assert nulls[:3] == [("a", b""), ("b", b"x"), ("c", b"")] and dict(nulls)["__stream_dec.dlq.null.headers"] == b"0,2"
+    assert all(isinstance(k, str) and isinstance(v, bytes) for k, v in nulls)
+    validator("dlq-headers").validate(headers_as_json(nulls))
 
     long = dlq_headers(None, "t", 0, 0, "decode", "bad_json", "x" * 5000)
     assert len(headers_as_json(long)["__connect.errors.exception.message"]) <= 520
