@@ -64,6 +64,7 @@ def record_size(key, value, headers) -> int:
 
 
 def err(reason: str = "bad_json", detail: str = "detail") -> DecodeError:
+    """A decode failure with ``reason`` and its stage."""
     return DecodeError(REASONS[reason][0], reason, detail)
 
 
