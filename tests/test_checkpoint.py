@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,9 @@ import torch
 
 from stream_dec import CheckpointError, StreamDEC
 from stream_dec import checkpoint as ckpt
+from stream_dec.online import persistence
+
+DATA = Path(__file__).parent / "data"
 
 
 def _updated(fitted, blobs, tmp_path, n=3):
@@ -94,12 +99,61 @@ def test_loading_never_executes_pickled_code(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_incomplete_state_is_rejected_whole(fitted, tmp_path):
+@pytest.mark.parametrize("part, key", [("ewc", "fisher"), ("clusters", "gate_cur"), ("scalars", "latent_scale_"), ("rule", "name")])
+def test_incomplete_state_is_rejected_whole(fitted, tmp_path, part, key):
     state = fitted._state(None)
-    del state["tensors"]["fisher_"]
+    del state[part][key]
     ckpt.write_atomic(tmp_path / "partial.sdec", state)
     with pytest.raises(CheckpointError, match="incomplete"):
         StreamDEC.load(tmp_path / "partial.sdec")
+
+
+def test_inconsistent_state_is_rejected(fitted, tmp_path):
+    state = fitted._state(None)
+    state["ewc"]["fisher"] = state["ewc"]["fisher"][:-1]
+    ckpt.write_atomic(tmp_path / "short.sdec", state)
+    with pytest.raises(CheckpointError, match="incomplete or inconsistent"):
+        StreamDEC.load(tmp_path / "short.sdec")
+    state = fitted._state(None)
+    state["format"] = 99
+    ckpt.write_atomic(tmp_path / "future.sdec", state)
+    with pytest.raises(CheckpointError, match="format 99"):
+        StreamDEC.load(tmp_path / "future.sdec")
+
+
+def test_rule_state_is_saved_only_for_the_rule_that_uses_it(fitted, blobs, tmp_path):
+    m = _updated(fitted, blobs, tmp_path, n=1)
+    assert m._state(None)["rule"] == {"name": "mean"}  # the mean rule has no optimiser moments
+    m.set_params(centre_rule="dec")
+    m.partial_fit(blobs["X"][:200])
+    rule = m._state(None)["rule"]
+    assert rule["name"] == "dec" and rule["adam_t"].shape == (m.n_clusters_,) and (rule["adam_t"] > 0).all()
+    m2 = StreamDEC.load(m.save(tmp_path / "dec.sdec"))
+    assert torch.equal(m2.rule_.m, m.rule_.m) and torch.equal(m2.rule_.t, m.rule_.t)
+
+
+@pytest.mark.parametrize("rule", ["mean", "dec"])
+def test_format_1_checkpoint_loads_and_continues_as_the_old_code_did(rule, tmp_path):
+    """tests/data/format1_<rule>.sdec was written by the format-1 code (tests/data/make_format1.py),
+    with the labels it gave and what its next partial_fit did."""
+    path, expected = DATA / f"format1_{rule}.sdec", np.load(DATA / f"format1_{rule}.npz")
+    assert ckpt.read_verified(path)["format"] == 1
+    m = StreamDEC.load(path)
+    assert m.centre_rule == rule and m.n_clusters_ > 4 and m.spawned_.any()  # a spawned cluster's rows migrate too
+    assert m.checkpoint_extra_ == {"offsets": {"in": {"0": 42}}}
+    assert np.array_equal(m.predict(expected["X"]), expected["labels"])
+    state = m._state(None)
+    assert state["format"] == persistence.FORMAT_VERSION == 2
+    assert set(state["rule"]) == ({"name"} if rule == "mean" else {"name", "adam_m", "adam_v", "adam_t"})
+    report = m.partial_fit(expected["X_next"]).to_dict()
+    report.pop("update_ms")
+    report.pop("plan", None)
+    assert report == ast.literal_eval(str(expected["report_next"]))
+    assert np.array_equal(m.predict(expected["X"]), expected["labels_next"])
+    # Saved again, it is a format-2 file that loads to the same model.
+    m2 = StreamDEC.load(m.save(tmp_path / "v2.sdec"))
+    assert ckpt.read_verified(tmp_path / "v2.sdec")["format"] == 2
+    assert np.array_equal(m2.predict(expected["X"]), expected["labels_next"])
 
 
 def test_atomic_write_leaves_no_temp_files(fitted, tmp_path):

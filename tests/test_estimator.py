@@ -191,6 +191,27 @@ def test_fit_rejects_bad_input_and_bad_parameters(blobs):
         StreamDEC(n_clusters=3).predict(blobs["X"])
 
 
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(n_clusters=2.0), "n_clusters must be an int >= 1, got 2.0"),
+        (dict(hidden_dims=(32, 0)), "hidden_dims must be a list or tuple, each an int >= 1"),
+        (dict(alpha=0), "alpha must be a number > 0"),
+        (dict(centre_rule="median"), "centre_rule must be one of 'mean', 'dec', got 'median'"),
+        (dict(spawn_rule="x"), "spawn_rule must be one of 'refit', 'anchored', 'outliers'"),
+        (dict(max_clusters=2), "max_clusters must be None or an int >= n_clusters, got 2"),
+        (dict(freq_decay=1.0), r"freq_decay must be a number in \[0, 1\)"),
+        (dict(min_support=1), "min_support must be None or an int >= 2"),
+        (dict(online_steps=-1), "online_steps must be an int >= 0"),
+        (dict(random_state=-3), "random_state must be None or an int >= 0"),
+    ],
+)
+def test_every_hyper_parameter_is_checked_against_the_constraints_table(blobs, params, message):
+    StreamDEC()._check_params()  # every parameter has a constraint, and the defaults meet them
+    with pytest.raises(ValueError, match="invalid hyper-parameter: " + message):
+        StreamDEC(**{"n_clusters": 3, **FAST, **params}).fit(blobs["X"])
+
+
 def test_cluster_cap_is_respected(blobs):
     rng = np.random.default_rng(5)
     centres = rng.standard_normal((12, 24)) * 5.0

@@ -1,8 +1,8 @@
 """A symmetric MLP autoencoder and its reconstruction pretraining.
 
 The encoder output (the latent) is what the clustering layer sees, and the decoder
-reconstructs from exactly that latent (the seed notebook normalised one and not the
-other, bug 8 of DESIGN.md).
+reconstructs from exactly that latent: a latent normalised for one and not the other
+would pretrain a geometry the clustering never sees.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def target_distribution(q: torch.Tensor, freq: torch.Tensor | None = None) -> to
     """Sharpened target p_ij ∝ q_ij² / f_j (rows sum to 1).
 
     ``freq`` is the soft cluster frequency f_j. Online, pass running (EMA)
-    frequencies: the frequency of one small micro-batch is noise (seed bug 6).
+    frequencies: the frequency of one small micro-batch is noise.
     """
     f = q.sum(0) if freq is None else freq
     w = q * q / f.clamp_min(1e-12)[None, :]
@@ -39,7 +39,7 @@ def target_distribution(q: torch.Tensor, freq: torch.Tensor | None = None) -> to
 
 
 def kl_clustering_loss(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """KL(P || Q) averaged over rows; ``q`` is a distribution, not log-probabilities (seed bug 7)."""
+    """KL(P || Q) averaged over rows; ``q`` is a distribution, not log-probabilities."""
     eps = 1e-12
     return (p * (torch.log(p + eps) - torch.log(q + eps))).sum(1).mean()
 

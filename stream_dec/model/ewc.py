@@ -1,7 +1,8 @@
 """Elastic weight consolidation on cluster centres (diagonal Fisher, online EWC).
 
 The Fisher is that of the model's own categorical likelihood p(c | z) = q_zc, taken in
-expectation over c ~ q (the true Fisher, not the gradient of max-q as in seed bug 5).
+expectation over c ~ q (the true Fisher, not the squared gradient of the most likely
+cluster's log-probability, which vanishes for confidently assigned items).
 For the Student-t kernel it has a closed form per centre j and dimension:
 
     F_j = mean_i  q_ij (1 - q_ij) g_ij²,   g_ij = (α+1)/α · (z_i - μ_j) / (1 + d_ij/α)

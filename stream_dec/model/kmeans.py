@@ -1,8 +1,8 @@
 """Small, fast k-means and silhouette in torch for the online hot path.
 
 scikit-learn's KMeans is used for the one-off initialisation in ``fit``; for the
-novelty buffer (a few thousand low-dimensional rows, several k per attempt, inside a
-50 ms update budget) its per-call overhead (validation, thread-pool set-up) costs
+novelty buffer (a few thousand low-dimensional rows, several k per attempt, inside the
+update's time budget) its per-call overhead (validation, thread-pool set-up) costs
 more than the arithmetic, so this module does the same Lloyd iterations directly.
 """
 

@@ -1,4 +1,5 @@
-"""Online learning: the StreamDEC estimator, its novelty buffer, reservoir and drift report."""
+"""Online learning: the StreamDEC estimator and its parts (cluster table, centre rules, EWC,
+gates, spawning, churn guard, novelty window, reservoir, persistence) and its drift report."""
 
 from stream_dec.online.estimator import StreamDEC
 from stream_dec.online.report import DriftReport

@@ -46,6 +46,15 @@ class NoveltyBuffer:
     Rows leave by age (``ttl`` batches), by capacity, or by becoming a new cluster;
     the estimator moves rows that leave by age or capacity into its reservoir: only
     then is their id settled.
+
+    >>> import numpy as np
+    >>> buf = NoveltyBuffer(capacity=6, dim=2, ttl=2)
+    >>> for version in (1, 2, 3):
+    ...     aged_z, aged_ids = buf.add(np.zeros((3, 2)), ids=[version] * 3, unexplained=[True, False, False], version=version)
+    >>> len(buf), buf.born.tolist()  # batch 1 is older than ttl=2 batches
+    (6, [2, 2, 2, 3, 3, 3])
+    >>> aged_ids.tolist(), int(buf.unexplained.sum())
+    ([1, 1, 1], 2)
     """
 
     _FIELDS = ("z", "ids", "born", "unexplained")
@@ -164,8 +173,7 @@ def propose_anchored(
     # on a stationary stream every try ends in failures, and each extra round of
     # candidates costs as much as the first. One round of 96 candidates finds a group
     # holding 3% of the window with probability 1 - .97**96 = 95%, and a group missed
-    # now is found at the next try; measured against 3 rounds of 48 over 6 seeds and 3
-    # sets: ACC the same within .002, update 25% faster (docs/experiments.md §8).
+    # now is found at the next try (docs/experiments.md compares it with more rounds).
     while len(out) < max_new and failures < max_failures:
         idx = torch.randperm(n, generator=generator)[: min(n, candidates)].to(z.device)
         nn_idx = squared_distances(z[idx], z).topk(k_nn, dim=1, largest=False).indices  # [c, k]

@@ -10,7 +10,19 @@ import numpy as np
 
 
 class Reservoir:
-    """Uniform sample of at most ``capacity`` rows of everything passed to :meth:`add`."""
+    """Uniform sample of at most ``capacity`` rows of everything passed to :meth:`add`.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> r = Reservoir(capacity=100, dim=1)
+    >>> for start in range(0, 1000, 250):
+    ...     rows = np.arange(start, start + 250, dtype=np.float32)[:, None]
+    ...     _ = r.add(rows, ids=rows[:, 0].astype(np.int64) // 250, rng=rng)
+    >>> len(r), r.n_seen
+    (100, 1000)
+    >>> np.unique(r.ids).tolist()  # every quarter of the stream is still represented
+    [0, 1, 2, 3]
+    """
 
     def __init__(self, capacity: int, dim: int):
         self.capacity = int(capacity)

@@ -1,0 +1,114 @@
+"""Distances, gates and assignment: what keeps an id from taking items it never labelled.
+
+Every id has two prototypes (``clusters.centres``: current, ``clusters.memory``: where
+it was born). The gated distance of an item to an id is the smaller of its squared
+distances to the two, each inflated by a gate: ``gate`` for a spawned cluster's birth
+prototype, ``gate_cur`` for every current (moving) prototype; an original memory
+prototype has gate 1. An item goes to the id with the smallest gated distance.
+
+Gates are calibrated on the reservoir (the items the model remembers labelling):
+:func:`calibrate_moving_gates` after the centres move, :func:`new_cluster_gate` for a
+proposed cluster.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stream_dec.model import squared_distances
+from stream_dec.online.clusters import ClusterTable
+
+PREDICT_CHUNK = 65536  # rows per distance computation: bounds the [n, 2K] temporary
+
+
+@torch.no_grad()
+def distances(t: ClusterTable, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw ``[n, K]`` squared distance to the nearer prototype of each id, and the gated one."""
+    k = t.centres.shape[0]
+    both = squared_distances(z, torch.cat([t.centres, t.memory]))
+    return torch.minimum(both[:, :k], both[:, k:]), gated(t, both[:, :k], both[:, k:])
+
+
+def gated(t: ClusterTable, cur: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+    """Gated ``[n, K]`` distance per id from squared distances to current and memory prototypes."""
+    return torch.minimum(cur * t.gate_cur[None, :], mem * t.gate[None, :])
+
+
+@torch.no_grad()
+def assign(t: ClusterTable, z: torch.Tensor) -> torch.Tensor:
+    """Row index (into ``t.ids``) of the winning cluster of every latent."""
+    out = [distances(t, z[i : i + PREDICT_CHUNK])[1].argmin(1) for i in range(0, z.shape[0], PREDICT_CHUNK)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=z.device)
+
+
+@torch.no_grad()
+def explain(t: ClusterTable, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nearest, explained)``: each item's winning row, and whether that cluster's radius covers it."""
+    d_raw, d_eff = distances(t, z)
+    nearest = d_eff.argmin(1)
+    explained = d_raw.gather(1, nearest[:, None]).squeeze(1) <= t.radius[nearest]
+    return nearest, explained
+
+
+@torch.no_grad()
+def assign_reusing(t: ClusterTable, res: torch.Tensor, both: torch.Tensor | None, k_old: int) -> torch.Tensor:
+    """``assign(t, res)`` from squared distances ``both`` ``[R, 2 k_old]`` to the first ``k_old``
+    clusters' prototypes computed earlier, adding only the clusters created since."""
+    if both is None:
+        return assign(t, res)
+    k = t.centres.shape[0]
+    cur, mem = both[:, :k_old], both[:, k_old:]
+    if k > k_old:
+        extra = squared_distances(res, torch.cat([t.centres[k_old:], t.memory[k_old:]]))
+        cur = torch.cat([cur, extra[:, : k - k_old]], 1)
+        mem = torch.cat([mem, extra[:, k - k_old :]], 1)
+    return gated(t, cur, mem).argmin(1)
+
+
+@torch.no_grad()
+def calibrate_moving_gates(t: ClusterTable, res: torch.Tensor, assigned: torch.Tensor, margin: float) -> torch.Tensor | None:
+    """Set each current prototype's gate so that it takes no remembered item of another id.
+
+    A moving prototype may follow its own items anywhere, but it must not win an item
+    that another id holds: its gate is the largest ratio (the other id's gated distance
+    over the distance to this prototype) over the reservoir items of other ids, times
+    the ``(1 + margin)²`` safety factor. Returns the reservoir's squared distances to
+    all prototypes ``[R, 2K]`` for reuse (None for an empty reservoir).
+    """
+    if len(res) == 0:
+        return None
+    k = t.centres.shape[0]
+    both = squared_distances(res, torch.cat([t.centres, t.memory]))
+    held = gated(t, both[:, :k], both[:, k:])
+    held = held.gather(1, assigned[:, None])  # [R, 1] distance to the id each item holds
+    ratio = held / both[:, :k].clamp_min(1e-12)
+    ratio.scatter_(1, assigned[:, None], 0.0)
+    floor = torch.where(t.spawned, (1.0 + margin) ** 2, 1.0)
+    t.gate_cur = torch.maximum(ratio.max(0).values * (1.0 + margin) ** 2, floor)
+    return both
+
+
+@torch.no_grad()
+def held_distance(t: ClusterTable, res: torch.Tensor, both: torch.Tensor | None) -> torch.Tensor | None:
+    """Gated squared distance of each reservoir item to the id it goes to now (None: empty reservoir)."""
+    if len(res) == 0:
+        return None
+    k = t.centres.shape[0]
+    if both is None:
+        both = squared_distances(res, torch.cat([t.centres, t.memory]))
+    return gated(t, both[:, :k], both[:, k:]).min(1).values
+
+
+@torch.no_grad()
+def new_cluster_gate(c: torch.Tensor, res: torch.Tensor, d_res_old: torch.Tensor | None, *, margin: float, churn: float) -> float:
+    """Gate at which centre ``c`` takes at most a ``churn`` share of the reservoir.
+
+    ``d_res_old`` is :func:`held_distance` of the reservoir. Never below
+    ``(1 + margin)²``: the calibration sees only a sample of what the model labelled,
+    and the margin covers the items it did not see.
+    """
+    gate = (1.0 + margin) ** 2
+    if d_res_old is not None:
+        ratio = d_res_old / squared_distances(res, c[None, :]).squeeze(1).clamp_min(1e-12)
+        gate = max(gate, float(torch.quantile(ratio, 1.0 - churn)))
+    return gate

@@ -1,0 +1,153 @@
+"""Centre rules: how the current prototypes follow the data, as plugins that own their state.
+
+A rule is chosen by ``StreamDEC(centre_rule=...)`` and has ``step(est, u)`` (move
+``est.clusters_.centres`` for the update ``u``; returns ``(steps taken, budget hit)``),
+``state()`` / ``load_state()`` (what a checkpoint stores for it) and ``on_append`` /
+``on_drop`` (kept in step with the cluster table). Both rules consolidate through
+``est.ewc_`` (:class:`stream_dec.online.ewc.OnlineEWC`).
+
+* :class:`MeanRule` (``"mean"``): an online-EWC MAP step of a k-means likelihood; it
+  has no state of its own.
+* :class:`DecRule` (``"dec"``): DEC KL gradient steps under the diagonal-Fisher EWC
+  penalty and distillation on the reservoir, with Adam moments kept across updates.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from stream_dec.model import kl_centre_gradient, soft_assignment, squared_distances, target_distribution
+from stream_dec.online.clusters import NewCluster
+from stream_dec.online.context import UpdateContext
+
+if TYPE_CHECKING:  # pragma: no cover
+    from stream_dec.online.estimator import StreamDEC
+
+STEP_ROWS = 256  # rows per online gradient step (a fresh slice of the batch each step)
+
+
+class MeanRule:
+    """Online-EWC step of a k-means (Gaussian) likelihood: a precision-weighted mean.
+
+    With the old centre as prior, each item of evidence weighing the same and the
+    running evidence count e_j (``est.ewc_.evidence``) as the prior's Fisher, the MAP
+    centre is μ_j + η_j (m_j - μ_j), η_j = n_j / (n_j + ewc_lambda · e_j), where m_j is
+    the mean of the n_j batch items given to id j. A drifting class is followed within
+    a few batches; a few stray items barely move a centre. One closed-form step.
+    """
+
+    name = "mean"
+
+    @torch.no_grad()
+    def step(self, est: "StreamDEC", u: UpdateContext) -> tuple[int, bool]:
+        """Move every current prototype toward the mean of its batch items; returns ``(1, False)``."""
+        t = est.clusters_
+        k = t.centres.shape[0]
+        counts = torch.bincount(u.nearest, minlength=k).to(u.z.dtype)
+        sums = torch.zeros_like(t.centres).index_add_(0, u.nearest, u.z)
+        eta = counts / (counts + est.ewc_lambda * est.ewc_.evidence[:k]).clamp_min(1e-12)
+        target = sums / counts.clamp_min(1)[:, None]
+        t.centres = t.centres + eta[:, None] * (target - t.centres)
+        return 1, False
+
+    def state(self) -> dict:
+        """Nothing to store."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Nothing to restore."""
+
+    def on_append(self, new: NewCluster) -> None:
+        """No per-cluster state."""
+
+    def on_drop(self, keep: torch.Tensor) -> None:
+        """No per-cluster state."""
+
+
+class DecRule:
+    """DEC steps on the current prototypes under EWC and distillation.
+
+    The target P is fixed for the whole update (DEC recomputes it only every
+    ``update_interval`` steps too) and built with the running cluster frequencies.
+    Gradients are closed-form (:func:`stream_dec.model.kl_centre_gradient`). The
+    optimiser is Adam with moments kept across updates (and in checkpoints): a fresh
+    Adam would take full-size steps on pure gradient noise at every batch, so centres
+    would jitter.
+    """
+
+    name = "dec"
+    _BETAS, _EPS = (0.9, 0.999), 1e-8
+
+    def __init__(self, k: int, dim: int, device: torch.device | str = "cpu"):
+        self.m = torch.zeros(k, dim, device=device)
+        self.v = torch.zeros(k, dim, device=device)
+        self.t = torch.zeros(k, device=device)  # steps taken per cluster (bias correction)
+
+    @torch.no_grad()
+    def step(self, est: "StreamDEC", u: UpdateContext) -> tuple[int, bool]:
+        """Up to ``online_steps`` Adam steps, checking the deadline before each; returns ``(steps, budget hit)``."""
+        z_in, res, rng, tbl = u.z_in, u.res, u.rng, est.clusters_
+        if est.online_steps == 0 or z_in.shape[0] == 0:
+            return 0, False
+        p = target_distribution(soft_assignment(squared_distances(z_in, tbl.centres), est.alpha), tbl.freq)
+        rehearse = res[torch.from_numpy(rng.choice(len(res), size=min(len(res), 256), replace=False)).to(res.device)]
+        q_old = soft_assignment(squared_distances(rehearse, tbl.centres), est.alpha)
+        mu = tbl.centres.clone()
+        lr, (b1, b2) = est.online_lr * est.latent_scale_, self._BETAS
+        steps, exhausted = 0, False
+        order = torch.from_numpy(rng.permutation(z_in.shape[0])).to(z_in.device)
+        for step in range(est.online_steps):
+            if time.perf_counter() > u.deadline:
+                exhausted = True
+                break
+            rows = order[torch.arange(step * STEP_ROWS, (step + 1) * STEP_ROWS, device=z_in.device) % len(order)]
+            grad = kl_centre_gradient(z_in[rows], mu, p[rows], est.alpha)
+            grad += est.ewc_.gradient(mu, est.ewc_lambda)
+            if est.distill_weight > 0 and len(rehearse):
+                grad += est.distill_weight * kl_centre_gradient(rehearse, mu, q_old, est.alpha)
+            self.t += 1
+            self.m.mul_(b1).add_(grad, alpha=1 - b1)
+            self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            m_hat = self.m / (1 - b1 ** self.t)[:, None]
+            v_hat = self.v / (1 - b2 ** self.t)[:, None]
+            mu -= lr * m_hat / (v_hat.sqrt() + self._EPS)
+            steps += 1
+        tbl.centres = mu
+        return steps, exhausted
+
+    def state(self) -> dict:
+        """The Adam moments (CPU tensors)."""
+        return {"adam_m": self.m.detach().cpu().clone(), "adam_v": self.v.detach().cpu().clone(), "adam_t": self.t.detach().cpu().clone()}
+
+    def load_state(self, state: dict) -> None:
+        """Restore the Adam moments (on the device they were created on)."""
+        dev = self.m.device
+        m, v, t = state["adam_m"].to(dev), state["adam_v"].to(dev), state["adam_t"].to(dev)
+        if m.shape != self.m.shape or v.shape != self.v.shape or t.shape != self.t.shape:
+            raise ValueError(f"Adam moments of shape {tuple(m.shape)} do not fit {tuple(self.m.shape)} centres")
+        self.m, self.v, self.t = m, v, t
+
+    def on_append(self, new: NewCluster) -> None:
+        """A new cluster starts with zero moments."""
+        self.m = torch.cat([self.m, torch.zeros(1, self.m.shape[1], device=self.m.device)])
+        self.v = torch.cat([self.v, torch.zeros(1, self.v.shape[1], device=self.v.device)])
+        self.t = torch.cat([self.t, torch.zeros(1, device=self.t.device)])
+
+    def on_drop(self, keep: torch.Tensor) -> None:
+        """Forget dropped clusters' moments."""
+        self.m, self.v, self.t = self.m[keep], self.v[keep], self.t[keep]
+
+
+RULES = {"mean": MeanRule, "dec": DecRule}
+
+
+def make_rule(name: str, k: int, dim: int, device: torch.device | str) -> MeanRule | DecRule:
+    """A fresh rule of kind ``name`` for ``k`` clusters of dimension ``dim``."""
+    if name == "dec":
+        return DecRule(k, dim, device)
+    if name == "mean":
+        return MeanRule()
+    raise ValueError(f"unknown centre rule {name!r}; expected one of {tuple(RULES)}")

@@ -1,0 +1,115 @@
+"""Spawning: turn groups of the recent window that old clusters do not explain into new clusters.
+
+Proposals come from ``spawn_rule`` (:mod:`stream_dec.online.novelty`). Each one gets
+its own predict-time gate (the factor its squared distance is inflated by), calibrated
+on the reservoir so that it would take at most ``new_cluster_churn`` of the remembered
+items (never below ``(1+margin)²``). Gated Lloyd iterations then move it to the core of
+what it captures behind that gate. It is accepted only if it still captures
+``min_support`` window items from at least two batches, as compactly as the fitted
+clusters (a duplicate of an old cluster fails: its calibrated gate leaves it nothing).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from stream_dec.model import squared_distances
+from stream_dec.online import gates
+from stream_dec.online.clusters import NewCluster
+from stream_dec.online.context import UpdateContext
+from stream_dec.online.novelty import NoveltyBuffer, find_new_clusters, propose_anchored, propose_refit
+
+if TYPE_CHECKING:  # pragma: no cover
+    from stream_dec.online.estimator import StreamDEC
+
+SPAWN_RULES = ("refit", "anchored", "outliers")
+PROPOSAL_SAMPLE = 2048  # window rows the proposals see: they only need the window's shape
+MAX_NEW_PER_UPDATE = 8
+
+
+def due(buf: NoveltyBuffer, room: int, min_support: int) -> bool:
+    """Whether a search is due: room for a cluster, and the window has turned over by a
+    quarter (and by at least ``min_support`` items) since the last search."""
+    return room > 0 and len(buf) >= 2 * min_support and buf.added_since_try >= max(min_support, len(buf) // 4)
+
+
+@torch.no_grad()
+def maybe_spawn(est: "StreamDEC", u: UpdateContext, res_both: torch.Tensor | None) -> list[np.ndarray]:
+    """Search the window when due; append the accepted clusters to ``est.clusters_``.
+
+    ``res_both`` are the reservoir's squared distances to all prototypes if already
+    computed. Returns the captured window rows of each new cluster, in table order.
+    """
+    t, buf = est.clusters_, est.buffer_
+    room = est.max_clusters_ - len(t)
+    if not due(buf, room, est.min_support_):
+        return []
+    buf.added_since_try = 0
+    zw = torch.from_numpy(buf.z).to(t.device)
+    d_win = gates.distances(t, zw)[1].min(1).values
+    seed = int(u.rng.integers(2**31))
+    proposals = _propose(est, zw, d_win, seed, max_new=min(room, MAX_NEW_PER_UPDATE))
+    d_res_old = gates.held_distance(t, u.res, res_both)
+    base_radius = float(torch.quantile(t.radius[~t.spawned], 0.25))
+    captured_rows = []
+    for c in proposals:
+        if len(t) >= est.max_clusters_:
+            break
+        c, gate, d_c, captured = _settle(est, c, zw, d_win, u.res, d_res_old)
+        n_cap = int(captured.sum())
+        if n_cap < est.min_support_ or np.unique(buf.born[captured.cpu().numpy()]).size < 2:
+            continue  # support and persistence
+        if float(d_c[captured].mean()) > est.cohesion_:
+            continue  # cohesion
+        radius = max(float(torch.quantile(d_c[captured], est.novelty_quantile)), base_radius)
+        t.append(NewCluster(centre=c, gate=gate, radius=radius, support=n_cap))
+        captured_rows.append(np.flatnonzero(captured.cpu().numpy()))
+        d_win = torch.minimum(d_win, d_c * gate)
+    return captured_rows
+
+
+def _propose(est: "StreamDEC", zw: torch.Tensor, d_win: torch.Tensor, seed: int, max_new: int) -> list[torch.Tensor]:
+    """Candidate centres from ``spawn_rule`` over the window latents ``zw`` (gated distances ``d_win``)."""
+    t, buf = est.clusters_, est.buffer_
+    gen = torch.Generator().manual_seed(seed)
+    sub = torch.randperm(len(zw), generator=gen)[:PROPOSAL_SAMPLE].to(t.device)
+    if est.spawn_rule == "refit":
+        return propose_refit(zw[sub], t.centres, max_new=max_new, generator=gen)
+    if est.spawn_rule == "anchored":
+        return propose_anchored(
+            zw[sub], d_win[sub], min_support=max(2, est.min_support_ * len(sub) // len(zw)), max_new=max_new,
+            generator=gen, gate=(1.0 + est.margin) ** 2,
+        )
+    rows = np.flatnonzero(buf.unexplained)
+    cands = find_new_clusters(
+        buf.z[rows], buf.born[rows], existing=torch.cat([t.centres, t.memory]).cpu().numpy(),
+        existing_radius=torch.cat([t.radius, t.radius]).cpu().numpy(), min_support=est.min_support_,
+        max_cohesion=est.cohesion_, min_separation=est.separation_, radius_quantile=est.novelty_quantile,
+        max_new=max_new, seed=seed,
+    )
+    return [torch.from_numpy(c.centre).to(t.device) for c in cands]
+
+
+def _settle(
+    est: "StreamDEC", c: torch.Tensor, zw: torch.Tensor, d_win: torch.Tensor, res: torch.Tensor, d_res_old: torch.Tensor | None
+) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """Gated Lloyd: re-centre ``c`` on what it captures behind its gate and re-calibrate the gate.
+
+    The centre leaves the old clusters' fringe for the core of the new group, so the
+    gate it needs shrinks. Returns ``(centre, gate, squared distances of the window to
+    it, captured mask)``.
+    """
+    for it in range(est.spawn_refine_iters + 1):
+        gate = gates.new_cluster_gate(c, res, d_res_old, margin=est.margin, churn=est.new_cluster_churn)
+        d_c = squared_distances(zw, c[None, :]).squeeze(1)
+        captured = d_c * gate < d_win
+        if int(captured.sum()) < 3 or it == est.spawn_refine_iters:
+            break
+        c_next = zw[captured].mean(0)
+        if torch.allclose(c_next, c):
+            break
+        c = c_next
+    return c, gate, d_c, captured

@@ -1,0 +1,51 @@
+"""Gates: a moved prototype takes no remembered item of another id; a new cluster's gate bounds what it takes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stream_dec import StreamDEC
+from stream_dec.model import squared_distances
+from stream_dec.online import gates
+
+
+def _model(fitted, tmp_path) -> StreamDEC:
+    fitted.save(tmp_path / "m.sdec")
+    return StreamDEC.load(tmp_path / "m.sdec")
+
+
+def test_moving_gate_keeps_a_moved_prototype_off_other_ids_items(fitted, tmp_path):
+    m = _model(fitted, tmp_path)
+    t = m.clusters_
+    res = torch.from_numpy(m.reservoir_.data)
+    before = gates.assign(t, res)
+    # Move cluster 0's current prototype right onto cluster 1's memory prototype.
+    t.centres = t.centres.clone()
+    t.centres[0] = t.memory[1]
+    assert (gates.assign(t, res) != before).float().mean() > 0.05  # ungated, it steals cluster 1's items
+    both = gates.calibrate_moving_gates(t, res, before, margin=0.1)
+    assert both.shape == (len(res), 2 * len(t))
+    assert torch.equal(gates.assign(t, res), before)
+    assert (t.gate_cur >= 1).all() and t.gate_cur[0] > 1
+
+
+def test_new_cluster_gate_bounds_the_share_of_the_reservoir_it_takes(fitted, tmp_path):
+    m = _model(fitted, tmp_path)
+    t = m.clusters_
+    res = torch.from_numpy(m.reservoir_.data)
+    held = gates.held_distance(t, res, None)
+    c = res[:50].mean(0)  # a centre inside the remembered data
+    for churn in (0.0, 0.01, 0.2):
+        gate = gates.new_cluster_gate(c, res, held, margin=0.1, churn=churn)
+        taken = float((squared_distances(res, c[None, :]).squeeze(1) * gate < held).float().mean())
+        assert gate >= 1.21 and taken <= churn
+    assert gates.new_cluster_gate(c, res[:0], None, margin=0.5, churn=0.01) == 2.25  # nothing to calibrate on
+
+
+def test_explain_and_assign_agree_with_predict(fitted, blobs):
+    z = torch.from_numpy(fitted.transform(blobs["X"]))
+    nearest, explained = gates.explain(fitted.clusters_, z)
+    assert np.array_equal(fitted.cluster_ids_[nearest.numpy()], fitted.predict(blobs["X"]))
+    assert torch.equal(nearest, gates.assign(fitted.clusters_, z))
+    assert 0.85 < float(explained.float().mean()) < 1.0  # the radius is the 95% quantile of the fitted items
