@@ -37,12 +37,15 @@ RUN groupadd --system --gid 10001 streamdec \
 COPY --from=build /opt/venv /opt/venv
 COPY --chmod=0755 deploy/docker/train-if-missing.sh /usr/local/bin/stream-dec-train-if-missing
 COPY --chmod=0755 deploy/docker/demo_producer.py /usr/local/bin/stream-dec-demo-producer
+# Metrics on every interface of the container (the service's own default is loopback),
+# reachable from outside only where the port is published.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/var/lib/stream-dec \
     STREAM_DEC_CHECKPOINT__DIR=/var/lib/stream-dec/checkpoints \
-    STREAM_DEC_METRICS__PORT=9400
+    STREAM_DEC_METRICS__PORT=9400 \
+    STREAM_DEC_METRICS__HOST=0.0.0.0
 WORKDIR /var/lib/stream-dec
 # A named volume mounted here starts with this directory's owner (the service user).
 VOLUME ["/var/lib/stream-dec/checkpoints"]

@@ -2,25 +2,38 @@
 
 The service commands (``run``, ``demo``) belong to the service layer. Heavy modules
 (torch, kafka) are imported inside the commands that need them, so ``--help`` and
-``produce`` start without torch.
+``produce`` start without torch. Every error a user can cause (bad files, bad flags,
+bad settings, no broker) ends in one ``stream-dec CMD: error: ...`` line and exit 2;
+the command line options are described in docs/contracts.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+# Hyper-parameters that have their own flag in `train`.
+_FLAG_PARAMS = {"n_clusters": "--n-clusters", "random_state": "--seed", "verbose": "--quiet"}
 
+
+class CommandError(ValueError):
+    """A user error of a command: printed as ``stream-dec CMD: error: MESSAGE``, exit 2."""
+
+
+# ---------------------------------------------------------------- argument types
 def _param(text: str) -> tuple[str, object]:
-    if "=" not in text:
+    """``KEY=VALUE`` with VALUE a Python literal when it parses as one, else the text itself."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, raw = text.split("=", 1)
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -28,22 +41,107 @@ def _param(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def _integer(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def _number(text: str, positive: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 if positive else value >= 0):  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be {'>' if positive else '>='} 0, got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    """An integer >= 1."""
+    return _integer(text, 1)
+
+
+def _non_negative(text: str) -> int:
+    """An integer >= 0."""
+    return _integer(text, 0)
+
+
+def _seconds(text: str) -> float:
+    """A number > 0."""
+    return _number(text, positive=True)
+
+
+def _rate(text: str) -> float:
+    """A number >= 0."""
+    return _number(text, positive=False)
+
+
+def _port(text: str) -> int:
+    """A TCP port, 0 meaning off."""
+    value = _integer(text, 0)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in 0-65535, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------- train, evaluate, inspect
+def _hyper_parameters(pairs: list[tuple[str, object]] | None) -> dict[str, object]:
+    """The ``--param`` pairs as keyword arguments of ``StreamDEC``; unknown names are errors.
+
+    Values are checked by the estimator itself, whose messages name the parameter and
+    the expected type.
+    """
+    import inspect
+
+    from stream_dec import StreamDEC
+
+    known = [n for n in inspect.signature(StreamDEC).parameters if n not in _FLAG_PARAMS]
+    params = dict(pairs or [])
+    for key in params:
+        if key in _FLAG_PARAMS:
+            raise CommandError(f"--param {key}: set it with {_FLAG_PARAMS[key]}")
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise CommandError(f"--param {key}: unknown hyper-parameter" + (f" (did you mean {hint[0]}?)" if hint else ""))
+    return params
+
+
+def _checkpoint_dir(path: str) -> Path:
+    """``path`` as an existing, writable directory (created when missing), checked before any training."""
+    import os
+
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise CommandError(f"--checkpoint-dir {path}: is a file, not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"--checkpoint-dir {path}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CommandError(f"--checkpoint-dir {path}: not writable by this user")
+    return directory
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from stream_dec import StreamDEC
     from stream_dec.datasets import load_embeddings
 
+    params = _hyper_parameters(args.param)
+    ckpt_dir = _checkpoint_dir(args.checkpoint_dir)
     X, _ = load_embeddings(args.data, key=args.key)
     if args.limit:
         X = X[: args.limit]
-    params = dict(args.param or [])
-    try:
-        model = StreamDEC(n_clusters=args.n_clusters, random_state=args.seed, verbose=not args.quiet, **params)
-    except TypeError as exc:
-        raise ValueError(f"unknown hyper-parameter in --param: {exc}") from None
+    model = StreamDEC(n_clusters=args.n_clusters, random_state=args.seed, verbose=not args.quiet, **params)
     model.fit(X)
-    ckpt_dir = Path(args.checkpoint_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = model.save(ckpt_dir, keep=args.keep)
+    try:
+        path = model.save(ckpt_dir, keep=args.keep)
+    except OSError as exc:
+        raise CommandError(f"cannot write the checkpoint to {ckpt_dir}: {exc.strerror or exc}") from None
     print(json.dumps({"checkpoint": str(path), "fit_seconds": round(model.fit_seconds_, 2), **model.summary()}, indent=2))
     return 0
 
@@ -55,6 +153,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     model = StreamDEC.load(args.checkpoint)
     X, y = load_embeddings(args.data, key=args.key, labels_key=args.labels_key)
+    if y is not None and np.shape(y) != (len(X),):
+        raise CommandError(f"{args.data}: labels {args.labels_key!r} must be one per row of X ({len(X)}), got shape {np.shape(y)}")
     ids = model.predict(X)
     uniq, counts = np.unique(ids, return_counts=True)
     out: dict = {
@@ -81,30 +181,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _cmd_produce(args: argparse.Namespace) -> int:
-    from stream_dec.datasets import load_embeddings
-    from stream_dec.io.codecs import CONTENT_TYPE_FLOAT32, CONTENT_TYPE_HEADER, CONTENT_TYPE_JSON, encode_json
+# ---------------------------------------------------------------- produce
+def _produce_target(args: argparse.Namespace) -> None:
+    """Fill ``--bootstrap-servers`` / ``--topic`` from the service settings when unset, and check the topic name."""
     from stream_dec.settings import check_topic_name, load_settings
 
     if args.bootstrap_servers is None or args.topic is None:
@@ -115,21 +194,31 @@ def _cmd_produce(args: argparse.Namespace) -> int:
     try:
         check_topic_name(args.topic)
     except ValueError as exc:
-        raise ValueError(f"--topic {args.topic!r}: {exc}") from None
+        raise CommandError(f"--topic {args.topic!r}: {exc}") from None
+
+
+def _rows_to_send(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """The row numbers ``--start``/``--limit`` select and those rows as little-endian float32."""
+    from stream_dec.datasets import load_embeddings
+
     X, _ = load_embeddings(args.data, key=args.key)
     if X.ndim != 2 or X.dtype.kind not in "fiu":
-        raise ValueError(f"{args.data}: expected a 2-d numeric array, got shape {X.shape} of {X.dtype}")
+        raise CommandError(f"{args.data}: expected a 2-d numeric array, got shape {X.shape} of {X.dtype}")
     rows = np.arange(X.shape[0])[args.start :]
     if args.limit:
         rows = rows[: args.limit]
     if len(rows) == 0:
-        raise ValueError(f"{args.data}: no rows to send ({X.shape[0]} rows, --start {args.start})")
+        raise CommandError(f"{args.data}: no rows to send ({X.shape[0]} rows, --start {args.start})")
     Xf = np.ascontiguousarray(X[rows[0] : rows[-1] + 1], dtype="<f4")
     bad_rows = int(np.count_nonzero(~np.isfinite(Xf).all(axis=1)))
     if bad_rows:
         print(f"warning: {bad_rows} rows hold NaN/inf values; the service will dead-letter them", file=sys.stderr)
+    return rows, Xf
 
-    from kafka.errors import KafkaError, KafkaTimeoutError
+
+def _open_producer(args: argparse.Namespace, row_bytes: int):
+    """Create the topic when asked, then a tuned producer; no broker within ``--timeout`` is an error."""
+    from kafka.errors import KafkaError
 
     from stream_dec.io.producer import make_producer
 
@@ -139,73 +228,86 @@ def _cmd_produce(args: argparse.Namespace) -> int:
         try:
             create_topics(args.bootstrap_servers, [args.topic], partitions=args.partitions or 1, timeout_s=args.timeout)
         except BrokerError as exc:
-            raise ValueError(str(exc)) from None
-
-    row_bytes = Xf.shape[1] * (4 if args.format == "float32" else 24)
+            raise CommandError(str(exc)) from None
     try:
-        producer = make_producer(
-            args.bootstrap_servers,
-            client_id="stream-dec-produce",
-            acks=args.acks,
-            max_record_bytes=row_bytes,
-            timeout_s=args.timeout,
-        )
+        return make_producer(args.bootstrap_servers, client_id="stream-dec-produce", acks=args.acks,
+                             max_record_bytes=row_bytes, timeout_s=args.timeout)
     except KafkaError as exc:
-        raise ValueError(f"cannot reach a broker at {args.bootstrap_servers} within {args.timeout:g} s ({exc})") from None
+        raise CommandError(f"cannot reach a broker at {args.bootstrap_servers} within {args.timeout:g} s ({exc})") from None
+
+
+@dataclass
+class _Sent:
+    """What one ``produce`` run sent, and what the broker refused."""
+
+    records: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    failures: list[BaseException] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def _send_rows(producer, args: argparse.Namespace, rows: np.ndarray, Xf: np.ndarray) -> _Sent:
+    """Send one record per row, keyed ``--key-prefix`` + row number; stop at the first refused record or Ctrl-C."""
+    from kafka.errors import KafkaTimeoutError
+
+    from stream_dec.io.codecs import CONTENT_TYPE_FLOAT32, CONTENT_TYPE_HEADER, CONTENT_TYPE_JSON, encode_json
 
     headers = [(CONTENT_TYPE_HEADER, (CONTENT_TYPE_FLOAT32 if args.format == "float32" else CONTENT_TYPE_JSON).encode())]
-    failures: list[BaseException] = []
-
-    def on_error(exc: BaseException) -> None:
-        failures.append(exc)
-
-    sent = n_bytes = 0
+    sent = _Sent()
     t0 = time.perf_counter()
-    interrupted = False
     try:
         for i, row in enumerate(rows):
             key = f"{args.key_prefix}{row}"
-            vec = Xf[i]
-            value = vec.tobytes() if args.format == "float32" else encode_json(key, vec)
-            producer.send(args.topic, key=key.encode(), value=value, headers=headers).add_errback(on_error)
-            sent += 1
-            n_bytes += len(value)
-            if args.progress_every and sent % args.progress_every == 0:
-                rate = sent / max(time.perf_counter() - t0, 1e-9)
-                print(f"produce: {sent}/{len(rows)} records ({rate:,.0f} records/s)", file=sys.stderr, flush=True)
-            if failures:
+            value = Xf[i].tobytes() if args.format == "float32" else encode_json(key, Xf[i])
+            producer.send(args.topic, key=key.encode(), value=value, headers=headers).add_errback(sent.failures.append)
+            sent.records += 1
+            sent.bytes += len(value)
+            if args.progress_every and sent.records % args.progress_every == 0:
+                rate = sent.records / max(time.perf_counter() - t0, 1e-9)
+                print(f"produce: {sent.records}/{len(rows)} records ({rate:,.0f} records/s)", file=sys.stderr, flush=True)
+            if sent.failures:
                 break
         producer.flush(timeout=max(3 * args.timeout, 30.0))
     except KafkaTimeoutError as exc:
         producer.close(timeout=0)
-        raise ValueError(f"timed out sending to {args.topic!r} on {args.bootstrap_servers} after {sent} records: {exc}") from None
+        raise CommandError(f"timed out sending to {args.topic!r} on {args.bootstrap_servers} after {sent.records} records: {exc}") from None
     except KeyboardInterrupt:
-        interrupted = True
+        sent.interrupted = True
         producer.flush(timeout=5)
     finally:
-        seconds = time.perf_counter() - t0
+        sent.seconds = time.perf_counter() - t0
     producer.close(timeout=5)
-    delivered = sent - len(failures)
+    return sent
+
+
+def _cmd_produce(args: argparse.Namespace) -> int:
+    _produce_target(args)
+    rows, Xf = _rows_to_send(args)
+    producer = _open_producer(args, row_bytes=Xf.shape[1] * (4 if args.format == "float32" else 24))
+    sent = _send_rows(producer, args, rows, Xf)
+    delivered = sent.records - len(sent.failures)
     summary = {
         "topic": args.topic,
         "format": args.format,
         "records": delivered,
-        "bytes": n_bytes,
-        "seconds": round(seconds, 3),
-        "records_per_s": round(delivered / max(seconds, 1e-9), 1),
+        "bytes": sent.bytes,
+        "seconds": round(sent.seconds, 3),
+        "records_per_s": round(delivered / max(sent.seconds, 1e-9), 1),
     }
     print(json.dumps(summary), flush=True)
-    if failures:
-        first = failures[0]
-        print(f"stream-dec produce: error: {len(failures)} records were not delivered (first: {type(first).__name__}: {first})", file=sys.stderr)
+    if sent.failures:
+        first = sent.failures[0]
+        print(f"stream-dec produce: error: {len(sent.failures)} records were not delivered (first: {type(first).__name__}: {first})", file=sys.stderr)
         return 1
-    return 130 if interrupted else 0
+    return 130 if sent.interrupted else 0
 
 
+# ---------------------------------------------------------------- run, demo
 def _cmd_run(args: argparse.Namespace) -> int:
     import logging
 
-    from stream_dec.settings import load_settings
+    from stream_dec.settings import check_device, load_settings
 
     settings = load_settings(
         env_file=args.env_file,
@@ -219,15 +321,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         checkpoint__dir=args.checkpoint_dir,
         metrics__port=args.metrics_port,
     )
+    # Before the checkpoint is read: a missing GPU must not look like a missing checkpoint.
+    check_device(settings)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kafka.errors import KafkaError
+
     from stream_dec.service import NoCheckpointError, StreamService
 
     try:
         service = StreamService(settings)
     except NoCheckpointError as exc:
-        print(f"stream-dec run: error: {exc}", file=sys.stderr)
-        return 2
-    return service.run(max_idle_s=args.exit_when_idle)
+        raise CommandError(str(exc)) from None
+    try:
+        return service.run(max_idle_s=args.exit_when_idle)
+    except KafkaError as exc:
+        raise CommandError(f"Kafka at {settings.kafka.bootstrap_servers}: {type(exc).__name__}: {exc}") from None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -253,13 +361,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rate(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
+# ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``stream-dec`` (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(prog="stream-dec", description="Streaming Deep Embedded Clustering with stable cluster ids.")
@@ -268,11 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fit a base model on a .npy/.npz file and write the first checkpoint")
     t.add_argument("--data", required=True, help=".npy array or .npz file with array X")
     t.add_argument("--key", default="X", help="array name inside a .npz (default X)")
-    t.add_argument("--n-clusters", type=int, required=True, help="number of clusters to fit")
+    t.add_argument("--n-clusters", type=_positive, required=True, help="number of clusters to fit")
     t.add_argument("--checkpoint-dir", required=True, help="directory the checkpoint is written to")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    t.add_argument("--keep", type=int, default=3, help="checkpoints to keep in the directory")
-    t.add_argument("--limit", type=int, default=0, help="use only the first N rows")
+    t.add_argument("--seed", type=_non_negative, default=0, help="random seed (default 0)")
+    t.add_argument("--keep", type=_positive, default=3, help="checkpoints to keep in the directory")
+    t.add_argument("--limit", type=_non_negative, default=0, help="use only the first N rows (0 = all)")
     t.add_argument("--param", type=_param, action="append", metavar="KEY=VALUE", help="extra StreamDEC hyper-parameter (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=_cmd_train)
@@ -294,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=None, help="overrides STREAM_DEC_BATCH__MAX_SIZE")
     r.add_argument("--max-wait-ms", type=int, default=None, help="overrides STREAM_DEC_BATCH__MAX_WAIT_MS")
     r.add_argument("--checkpoint-dir", default=None, help="overrides STREAM_DEC_CHECKPOINT__DIR")
-    r.add_argument("--metrics-port", type=int, default=None, help="overrides STREAM_DEC_METRICS__PORT (0 = off)")
+    r.add_argument("--metrics-port", type=_port, default=None, help="overrides STREAM_DEC_METRICS__PORT (0 = off)")
     r.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS", help="stop after this long without records (batch jobs, tests)")
     r.set_defaults(func=_cmd_run)
 
@@ -311,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=_positive, default=128, help="micro-batch size of the service (default 128)")
     d.add_argument("--max-wait-ms", type=_non_negative, default=100, help="micro-batch max wait of the service (default 100)")
     d.add_argument("--rate", type=_rate, default=1000.0, help="records/s offered to the service; 0 = as fast as possible (default 1000)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the split, the model and the stream order (default 0)")
+    d.add_argument("--seed", type=_non_negative, default=0, help="seed of the split, the model and the stream order (default 0)")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     d.add_argument("--quiet", action="store_true", help="no progress output")
     d.set_defaults(func=_cmd_demo)
@@ -348,9 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:  # bad data, bad parameters, unusable checkpoints
+    except (ValueError, OSError) as exc:  # bad data, flags, settings or checkpoints; unreadable or unwritable files
         print(f"stream-dec {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"stream-dec {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

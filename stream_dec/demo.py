@@ -376,12 +376,13 @@ def _run(sample: Sample, split: DemoSplit, servers: str, work: Path, batch_size:
     """The demo on a reachable broker, with ``work`` as scratch space: train, serve, stream, read back, report."""
     # A unique name per run: an external broker may hold topics and groups of earlier runs.
     tag = f"stream-dec-demo-{uuid.uuid4().hex[:8]}"
-    topics = _create_topics(servers, tag, ui)
+    topics = {"input": f"{tag}.embeddings", "output": f"{tag}.labels", "dlq": f"{tag}.embeddings.dlq"}
+    ckpt_dir = work / "checkpoints"
+    settings = _settings(servers, tag, topics, batch_size, max_wait_ms, ckpt_dir)
+    _create_topics(servers, topics, ui)
     k_base = len(split.base_classes)
     ui.phase(f"train: loading torch, then StreamDEC(n_clusters={k_base}) on {len(split.fit)} items of the known classes ...")
-    ckpt_dir = work / "checkpoints"
     ckpt_dir.mkdir()
-    settings = _settings(servers, tag, topics, batch_size, max_wait_ms, ckpt_dir)
     base = _train(sample, split, settings, seed, ui)
 
     svc = _ServiceThread(settings)
@@ -396,24 +397,26 @@ def _run(sample: Sample, split: DemoSplit, servers: str, work: Path, batch_size:
     return _report(sample, split, base, svc.service, published, topics, bad, seed, rate, batch_size, max_wait_ms)
 
 
-def _create_topics(servers: str, tag: str, ui: _Progress) -> dict[str, str]:
-    """Create the run's input, output and dead-letter topics (one partition each) and return their names."""
+def _create_topics(servers: str, topics: dict[str, str], ui: _Progress) -> None:
+    """Create the run's input, output and dead-letter topics, one partition each."""
     from stream_dec.io.broker import BrokerError, create_topics
 
-    topics = {"input": f"{tag}.embeddings", "output": f"{tag}.labels", "dlq": f"{tag}.embeddings.dlq"}
     try:
         create_topics(servers, list(topics.values()), partitions=1, timeout_s=15)
     except BrokerError as exc:
         raise DemoError(f"cannot create the demo topics on {servers}: {exc}") from None
     ui.phase(f"topics: {', '.join(topics.values())}")
-    return topics
 
 
 def _settings(servers: str, tag: str, topics: dict[str, str], batch_size: int, max_wait_ms: int, ckpt_dir: Path):
-    """The service settings of the run: its topics and group, short group timings, no metrics endpoint."""
-    from stream_dec.settings import load_settings
+    """The service settings of the run: its topics and group, short group timings, no metrics endpoint.
 
-    return load_settings(
+    Raises :class:`~stream_dec.settings.SettingsError` for bad ``STREAM_DEC_*`` variables,
+    a device this host lacks included, before anything is trained.
+    """
+    from stream_dec.settings import check_device, load_settings
+
+    settings = load_settings(
         kafka__bootstrap_servers=servers,
         kafka__group_id=tag,
         kafka__client_id="stream-dec-demo",
@@ -428,6 +431,8 @@ def _settings(servers: str, tag: str, topics: dict[str, str], batch_size: int, m
         checkpoint__dir=str(ckpt_dir),
         metrics__port=0,
     )
+    check_device(settings)
+    return settings
 
 
 @dataclass

@@ -140,8 +140,8 @@ class BatchSettings(_Group):
 
     # Size or time, whichever first, makes the update cadence follow the load: at a
     # moderate rate a batch closes on time (one update per max_wait_ms); in a backlog
-    # it closes on size, and 4,096 records amortise each update's fixed costs (the
-    # service benchmark: 0.95x the bare loop at 4,096 vs 0.78x at 1,024, 384-d float32).
+    # it closes on size, and 4,096 records amortise each update's fixed costs
+    # (bench/run_service.py measures the trade-off).
     max_size: int = Field(4096, gt=0, le=1_000_000, description="records per micro-batch at most")
     max_wait_ms: int = Field(500, ge=0, description="longest wait for a batch to fill, from its first record")
 
@@ -172,16 +172,18 @@ class MetricsSettings(_Group):
     """The Prometheus ``/metrics`` endpoint."""
 
     port: int = Field(9400, ge=0, le=65535, description="HTTP port of /metrics (0 = off)")
-    host: str = Field("0.0.0.0", min_length=1, description="address the metrics server binds")
+    # Loopback by default: /metrics and /healthz need no authentication, so they are not
+    # offered to the network unless asked for (containers set 0.0.0.0, see docker-compose.yml).
+    host: str = Field("127.0.0.1", min_length=1, description="address the metrics server binds")
 
 
 class ModelSettings(_Group):
     """Where the model runs."""
 
     device: str = Field("auto", description='"auto" (CUDA when available), "cpu", "cuda", "cuda:N" or "mps"')
-    # The update runs on its own thread beside the poll loop. Measured on 2 cores with
-    # the broker on the same machine (bench/run_service.py, float32, batches of 1,024):
-    # one thread per core 0.85-0.96x the bare loop, one thread 0.71-0.76x; equal at 4,096.
+    # The update runs on its own thread beside the poll loop; one torch thread per usable
+    # CPU lets labelling and learning use the cores the poll loop leaves idle
+    # (bench/run_service.py measures it).
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads for labelling and learning (0 = one per CPU this process may use)")
 
     @field_validator("device")
@@ -312,7 +314,48 @@ def load_settings(env_file: str | os.PathLike | None = None, **overrides: Any) -
         problems.extend(_describe(e) for e in exc.errors(include_url=False))
     problems = list(dict.fromkeys(problems))  # a nested typo is reported by both checks
     if problems:
-        lines = "\n".join(f"  {name}: {what}" for name, what in problems)
-        raise SettingsError(f"invalid settings ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n{lines}", problems)
+        raise _settings_error(problems)
     assert settings is not None
     return settings
+
+
+def _settings_error(problems: list[tuple[str, str]]) -> SettingsError:
+    lines = "\n".join(f"  {name}: {what}" for name, what in problems)
+    return SettingsError(f"invalid settings ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n{lines}", problems)
+
+
+def device_problem(device: str) -> str | None:
+    """Why the model device ``device`` cannot be used on this host, or None when it can.
+
+    ``"auto"`` and ``"cpu"`` always can. torch is imported only for the other devices,
+    so commands that never ask for an accelerator start without it.
+
+    >>> device_problem("cpu") is None and device_problem("auto") is None
+    True
+    """
+    if device in ("auto", "cpu"):
+        return None
+    import torch
+
+    if device.startswith("cuda"):
+        if torch.version.cuda is None:
+            return f"this build of torch ({torch.__version__}) has no CUDA support; use \"auto\" or \"cpu\""
+        if not torch.cuda.is_available():
+            return "CUDA is not available on this host (no usable GPU or driver); use \"auto\" or \"cpu\""
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            return f"this host has {torch.cuda.device_count()} CUDA device(s), so {device!r} does not exist"
+    elif device == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available on this host; use \"auto\" or \"cpu\""
+    return None
+
+
+def check_device(settings: Settings) -> None:
+    """Raise :class:`SettingsError` naming ``STREAM_DEC_MODEL__DEVICE`` when its device is not on this host.
+
+    Separate from :func:`load_settings`, which stays torch-free for the commands that
+    never run the model (``stream-dec produce`` reads the Kafka settings only).
+    """
+    problem = device_problem(settings.model.device)
+    if problem is not None:
+        raise _settings_error([(env_name("model", "device"), f"{problem} (got {settings.model.device!r})")])

@@ -395,8 +395,9 @@ def test_compose_stack_is_wired_as_documented():
     for name in ("stream-dec-train", "stream-dec"):
         ckpt_dir = services[name]["environment"]["STREAM_DEC_CHECKPOINT__DIR"]
         assert f"checkpoints:{ckpt_dir}" in services[name]["volumes"], name
-    # Prometheus scrapes the port the service serves metrics on.
+    # Prometheus scrapes the port the service serves metrics on, from its own container.
     port = int(_interpolate(str(run["environment"]["STREAM_DEC_METRICS__PORT"])))
+    assert run["environment"]["STREAM_DEC_METRICS__HOST"] == "0.0.0.0"
     job = next(j for j in _load_yaml(PROM_CONFIG)["scrape_configs"] if j["job_name"] == "stream-dec")
     assert [sd["port"] for sd in job["dns_sd_configs"]] == [port]
     assert job["dns_sd_configs"][0]["names"] == ["stream-dec"]

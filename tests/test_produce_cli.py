@@ -86,6 +86,9 @@ def test_clear_errors(broker, data, tmp_path):
         (["--data", x, "--topic", "t", "--bootstrap-servers", broker.bootstrap_servers, "--start", "300"], "no rows to send"),
     ]
     np.save(tmp_path / "flat.npy", np.ones(5))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    cases.append((["--data", str(tmp_path / "junk.npz"), "--topic", "t", "--bootstrap-servers", broker.bootstrap_servers], "not a .npz file"))
+    cases.append((["--data", x, "--topic", "t", "--bootstrap-servers", "127.0.0.1:1", "--timeout", "1", "--create-topic"], "127.0.0.1:1"))
     cases.append((["--data", str(tmp_path / "flat.npy"), "--topic", "t", "--bootstrap-servers", broker.bootstrap_servers], "expected a 2-d numeric array"))
     env = {**os.environ, "STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS": "nonsense"}
     cases.append((["--data", x], "STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS"))
@@ -93,6 +96,7 @@ def test_clear_errors(broker, data, tmp_path):
         proc = _produce(*args, check=False, env=env if len(args) == 2 else None)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert "stream-dec produce: error:" in proc.stderr and message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr
     assert _produce("--data", x, "--limit", "-1", check=False).returncode == 2  # argparse rejects it
 
 
@@ -102,3 +106,34 @@ def test_help():
     out = _produce("--help").stdout
     for flag in ("--data", "--topic", "--bootstrap-servers", "--format", "--limit", "--key-prefix", "--create-topic", "--partitions"):
         assert flag in out
+
+
+def test_the_producer_factory_admits_megabyte_values(broker):
+    from stream_dec.io.broker import create_topics
+    from stream_dec.io.producer import make_producer, producer_config
+
+    # kafka-python's own 1 MB max_request_size refuses a 1 MiB value; the factory's does not.
+    assert producer_config(broker.bootstrap_servers)["max_request_size"] > 1_048_576 + 65_536
+    create_topics(broker.bootstrap_servers, ["big"], partitions=1)
+    producer = make_producer(broker.bootstrap_servers, timeout_s=10)
+    value = bytes(range(256)) * 4096  # 1 MiB
+    meta = producer.send("big", key=b"k", value=value).get(timeout=30)
+    producer.close(timeout=5)
+    assert meta.offset == 0 and meta.serialized_value_size == len(value)
+    records = consume(broker.bootstrap_servers, "big", 1)
+    assert len(records) == 1 and records[0].value == value
+
+
+def test_producer_config_acks_and_idempotence():
+    from stream_dec.io.producer import PACED_LINGER_MS, producer_config
+
+    assert producer_config("h:1")["acks"] == "all" and producer_config("h:1")["enable_idempotence"] is True
+    for acks in ("0", "1", 0, 1):
+        cfg = producer_config("h:1", acks=acks)
+        assert cfg["acks"] == int(acks) and cfg["enable_idempotence"] is False  # idempotence needs acks=all
+    assert "max_block_ms" not in producer_config("h:1")  # the client's own timeouts unless asked
+    cfg = producer_config("h:1", timeout_s=4, linger_ms=PACED_LINGER_MS, transactional_id="tx")
+    assert (cfg["max_block_ms"], cfg["request_timeout_ms"], cfg["delivery_timeout_ms"]) == (4000, 4000, 30000)
+    assert (cfg["linger_ms"], cfg["transactional_id"]) == (PACED_LINGER_MS, "tx")
+    with pytest.raises(ValueError, match="bootstrap_servers"):
+        producer_config(" , ")

@@ -30,10 +30,11 @@ def test_defaults():
     assert (s.batch.max_size, s.batch.max_wait_ms) == (4096, 500)
     assert (s.checkpoint.dir, s.checkpoint.interval_batches, s.checkpoint.keep) == (Path("checkpoints"), 10, 3)
     assert (s.metrics.port, s.model.device, s.log_level) == (9400, "auto", "INFO")
+    assert s.metrics.host == "127.0.0.1"  # the unauthenticated endpoint stays off the network unless asked
     assert s.update.max_steps >= 0 and s.update.max_ms > 0
 
 
-# Every variable DESIGN.md §3 fixes, plus the ones this layer adds.
+# Every variable of the settings table in docs/contracts.md, each set to a non-default value.
 ENV_CASES = [
     ("STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS", "b1:9092, b2:9093", ("kafka", "bootstrap_servers"), "b1:9092,b2:9093"),
     ("STREAM_DEC_KAFKA__GROUP_ID", "grp", ("kafka", "group_id"), "grp"),
@@ -54,7 +55,7 @@ ENV_CASES = [
     ("STREAM_DEC_CHECKPOINT__INTERVAL_BATCHES", "4", ("checkpoint", "interval_batches"), 4),
     ("STREAM_DEC_CHECKPOINT__KEEP", "7", ("checkpoint", "keep"), 7),
     ("STREAM_DEC_METRICS__PORT", "0", ("metrics", "port"), 0),
-    ("STREAM_DEC_METRICS__HOST", "127.0.0.1", ("metrics", "host"), "127.0.0.1"),
+    ("STREAM_DEC_METRICS__HOST", "0.0.0.0", ("metrics", "host"), "0.0.0.0"),
     ("STREAM_DEC_MODEL__DEVICE", "CUDA:1", ("model", "device"), "cuda:1"),
     ("STREAM_DEC_MODEL__THREADS", "4", ("model", "threads"), 4),
     ("STREAM_DEC_LOG_LEVEL", "debug", ("log_level",), "DEBUG"),
@@ -176,3 +177,21 @@ def test_invalid_override_names_the_variable():
 def test_no_torch_import():
     code = "import sys, stream_dec.settings, stream_dec.io.codecs, stream_dec.io.broker; assert 'torch' not in sys.modules, 'torch loaded'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_device_availability_is_checked_on_request(monkeypatch):
+    import torch
+
+    from stream_dec.settings import check_device, device_problem
+
+    for device in ("auto", "cpu"):
+        assert device_problem(device) is None
+        check_device(load_settings(model__device=device))
+    # "cuda:N" past the host's devices never exists; on a host without CUDA neither does "cuda".
+    missing = ["cuda:64"] + ([] if torch.cuda.is_available() else ["cuda"])
+    missing += [] if torch.backends.mps.is_available() else ["mps"]
+    for device in missing:
+        settings = load_settings(model__device=device)  # loading stays torch-free and accepts it
+        with pytest.raises(SettingsError) as info:
+            check_device(settings)
+        assert info.value.problems[0][0] == "STREAM_DEC_MODEL__DEVICE" and repr(device) in str(info.value)

@@ -70,6 +70,7 @@ def _connect(servers: str, timeout_s: float):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``stream-dec-demo-producer``."""
     p = argparse.ArgumentParser(prog="stream-dec-demo-producer", description=__doc__.split("\n\n")[0])
     p.add_argument("--bootstrap-servers", default=os.environ.get("STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS", "localhost:9092"))
     p.add_argument("--topic", default=os.environ.get("STREAM_DEC_KAFKA__INPUT_TOPIC", "embeddings"))
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Stream the rows until stopped (or ``--max-records``), then flush and print a JSON summary."""
     args = build_parser().parse_args(argv)
     if args.rate <= 0:
         raise SystemExit("stream-dec-demo-producer: --rate must be > 0")
