@@ -47,6 +47,17 @@ def test_batches_are_cut_by_size_in_arrival_order():
     assert b.cut({}, now=True) is None
 
 
+def test_records_of_several_partitions_are_learnt_in_partition_offset_order():
+    # However the polls interleaved the partitions, a batch of the same records is the same batch.
+    a, b = Batcher(6, 60_000, clock=Clock()), Batcher(6, 60_000, clock=Clock())
+    a.add(recs(1, 0, 3))
+    a.add(recs(0, 0, 3))
+    b.add(recs(0, 0, 1))
+    b.add(recs(1, 0, 3))
+    b.add(recs(0, 1, 3))
+    assert keys(a.cut({})) == keys(b.cut({})) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+
+
 def test_a_batch_closes_after_the_wait_from_its_first_record():
     clock = Clock()
     b = Batcher(100, 500, clock=clock)
@@ -79,7 +90,7 @@ def test_replay_cuts_exactly_at_the_journaled_ends_across_partitions():
     first, second, third = b.cut({}), b.cut({}), b.cut({})
     assert keys(first) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
     assert keys(second) == [(0, 3), (0, 4)]
-    assert keys(third) == [(1, 2), (1, 3), (1, 4), (1, 5), (0, 5)]
+    assert keys(third) == [(0, 5), (1, 2), (1, 3), (1, 4), (1, 5)]  # (partition, offset) order
     assert [x.journaled.labelled_by for x in (first, second, third)] == [0, 1, 2]
     assert third.end == {1: 6, 0: 6} and not b.replay
     rest = b.cut({})  # journal used up: by size or wait again

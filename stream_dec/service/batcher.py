@@ -7,7 +7,10 @@ before and labels them the same way.
 
 Invariants:
 
-* Records leave in the order they arrived, each in exactly one batch.
+* Each record leaves in exactly one batch. Within a batch, records are in (partition,
+  offset) order: the order the model learns them in must not depend on how polls
+  interleaved the partitions, or a replayed batch would teach it something else (one
+  partition: arrival order, which is offset order).
 * While replaying, a batch is cut only once every partition of the journaled end has
   been read up to it; a journal line the model is already past cuts nothing.
 * When the input does not match the journal (a journaled end is not reached after
@@ -36,6 +39,7 @@ REPLAY_LOOKAHEAD = 4
 class Batch:
     """Records to process together, and where they end."""
 
+    #: In (partition, offset) order.
     records: list
     #: Next offset of every partition the batch read from.
     end: dict[int, int]
@@ -49,6 +53,13 @@ def end_offsets(records: Iterable) -> dict[int, int]:
     for r in records:
         end[r.partition] = max(end.get(r.partition, 0), r.offset + 1)
     return end
+
+
+def _batch(records: list, journaled: JournalLine | None = None) -> Batch:
+    end = end_offsets(records)
+    if len(end) > 1:  # interleaved by the polls: put in an order that replays the same
+        records = sorted(records, key=lambda r: (r.partition, r.offset))
+    return Batch(records, end, journaled)
 
 
 class Batcher:
@@ -122,7 +133,7 @@ class Batcher:
             (batch if r.offset < line.end.get(r.partition, 0) else rest).append(r)
         self.pending = rest
         self.since = self._clock()
-        return Batch(batch, end_offsets(batch), journaled=line)
+        return _batch(batch, journaled=line)
 
     def _cut_by_size(self, now: bool) -> Batch | None:
         full = len(self.pending) >= self.max_size
@@ -131,7 +142,7 @@ class Batcher:
             return None
         batch, self.pending = self.pending[: self.max_size], self.pending[self.max_size :]
         self.since = self._clock()
-        return Batch(batch, end_offsets(batch))
+        return _batch(batch)
 
     def _abandon_replay(self, why: str) -> None:
         if why == "mismatch":
