@@ -109,6 +109,39 @@ class ServiceMetrics:
         self.ckpt_seconds.observe(seconds)
         self.ckpt_last.set(self._ckpt_time)
 
+    def record_update(self, report, model) -> None:
+        """One update's drift report, and the model it left."""
+        self.update_seconds.observe(report.update_ms / 1000.0)
+        self.churn.set(report.churn)
+        self.centre_shift.set(report.centre_shift)
+        self.novelty.set(report.novelty_rate)
+        self.new_clusters.inc(len(report.new_cluster_ids))
+        if report.guard_action != "none":
+            self.guard.labels(report.guard_action).inc()
+        self.record_model(model)
+
+    def record_model(self, model) -> None:
+        """Clusters, their cap and the version of the model in use."""
+        self.clusters.set(model.n_clusters_)
+        self.max_clusters.set(model.max_clusters_)
+        self.model_version.set(model.version_)
+
+    def record_batch(self, records: list, valid: list) -> None:
+        """A processed batch (``valid``: its labelled records), once its outputs are acknowledged."""
+        if valid:
+            ts = np.fromiter((r.timestamp or 0 for r in valid), dtype=np.float64, count=len(valid))
+            ts = ts[ts > 0]
+            self.e2e_seconds.observe_many(np.maximum(0.0, time.time() - ts / 1000.0))
+        self.input_bytes.inc(sum(len(r.value) for r in records if r.value))
+        self.records.labels("labelled").inc(len(valid))
+        self.batches.inc()
+        self.batch_size.observe(len(records))
+
+    def record_lag(self, lag: dict[int, int]) -> None:
+        """Records behind the high watermark, per partition."""
+        for partition, behind in lag.items():
+            self.lag.labels(str(partition)).set(behind)
+
     def loop_alive(self) -> None:
         """Mark one iteration of the poll loop."""
         self.last_loop = time.time()

@@ -1,0 +1,150 @@
+"""The service's Kafka clients: consumer and producer settings, the assignor, the rebalance listener.
+
+Why the settings differ from kafka-python's defaults is in docs/kafka-notes.md.
+
+Invariants:
+
+* Offsets are never committed automatically: the outputs decide when (after the
+  batch's outputs are acknowledged, or inside its transaction).
+* A partition the group has no offset for is read from the beginning; the service
+  seeks to its checkpoint's offsets anyway, never to the end.
+* Every input partition goes to one member of the group (:class:`AllToOneAssignor`):
+  one model per stream; the other members stand by.
+* Rebalance callbacks run on the client's IO thread (kafka-python 3): the listener only
+  forwards them; the service serialises them with batch processing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.coordinator.assignors.abstract import (
+    AbstractPartitionAssignor,
+    ConsumerProtocolAssignment,
+    ConsumerProtocolSubscription,
+)
+
+from stream_dec.io.producer import make_producer
+
+#: Bytes one fetch may return, across partitions: a whole micro-batch of large vectors.
+FETCH_MAX_BYTES = 64 * 1024 * 1024
+#: Floor of the per-partition fetch size.
+MIN_PARTITION_FETCH_BYTES = 8 * 1024 * 1024
+#: Linger of the output producer: short, as the loop flushes (or commits) once per micro-batch,
+#: so its batches are whole micro-batches already.
+OUTPUT_LINGER_MS = 5
+
+
+class AllToOneAssignor(AbstractPartitionAssignor):
+    """Every partition to one member (the lowest member id); the others stand by.
+
+    A second instance in the group must not grow a second model that hands out
+    conflicting ids for the same stream; with this assignor it idles until the owner
+    leaves, then takes over from the newest checkpoint.
+    """
+
+    name = "stream-dec-all-to-one"
+    version = 0
+
+    @classmethod
+    def assign(cls, cluster, members):
+        """Map every subscribed partition to the first member by member id."""
+        owner = min(m.member_id for m in members)
+        topics = sorted({t for m in members for t in m.metadata.topics})
+        owned = [(t, sorted(cluster.partitions_for_topic(t) or [])) for t in topics]
+        return {
+            m.member_id: ConsumerProtocolAssignment(cls.version, owned if m.member_id == owner else [], b"")
+            for m in members
+        }
+
+    @classmethod
+    def metadata(cls, topics):
+        """Subscription metadata: just the topics."""
+        return ConsumerProtocolSubscription(cls.version, list(topics), b"")
+
+    @classmethod
+    def on_assignment(cls, assignment, generation):
+        """Nothing to remember between generations."""
+
+
+class RebalanceListener(ConsumerRebalanceListener):
+    """Forwards the group's partition changes (as lists) to two callables."""
+
+    def __init__(self, on_assigned: Callable[[list[TopicPartition]], None], on_revoked: Callable[[list[TopicPartition]], None]):
+        self._assigned, self._revoked = on_assigned, on_revoked
+
+    def on_partitions_revoked(self, revoked):
+        """Partitions leave this member (runs on the client's IO thread)."""
+        self._revoked(list(revoked))
+
+    def on_partitions_assigned(self, assigned):
+        """Partitions come to this member (runs on the client's IO thread)."""
+        self._assigned(list(assigned))
+
+
+def consumer_config(settings) -> dict[str, Any]:
+    """Keyword arguments of the service's ``KafkaConsumer``.
+
+    >>> from stream_dec.settings import load_settings
+    >>> cfg = consumer_config(load_settings(batch__max_size=1024, batch__max_wait_ms=500))
+    >>> cfg["max_poll_records"], cfg["fetch_max_wait_ms"], cfg["enable_auto_commit"]
+    (1024, 100, False)
+    """
+    k = settings.kafka
+    return dict(
+        bootstrap_servers=k.bootstrap_list,
+        group_id=k.group_id,
+        client_id=k.client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=k.session_timeout_ms,
+        heartbeat_interval_ms=k.heartbeat_interval_ms,
+        max_poll_interval_ms=k.max_poll_interval_ms,
+        max_poll_records=settings.batch.max_size,
+        # The client's 500 ms default would sit on top of the micro-batch wait.
+        fetch_max_wait_ms=max(10, min(100, settings.batch.max_wait_ms // 2)),
+        fetch_max_bytes=FETCH_MAX_BYTES,
+        max_partition_fetch_bytes=max(k.max_record_bytes * 2, MIN_PARTITION_FETCH_BYTES),
+        partition_assignment_strategy=[AllToOneAssignor],
+    )
+
+
+def make_consumer(settings) -> KafkaConsumer:
+    """The service's consumer (not yet subscribed)."""
+    return KafkaConsumer(**consumer_config(settings))
+
+
+def make_output_producer(settings, **overrides: Any):
+    """The producer of assignments, drift records and dead letters (``overrides``: e.g. a ``transactional_id``)."""
+    k = settings.kafka
+    return make_producer(
+        k.bootstrap_list, client_id=k.client_id, acks="all", max_record_bytes=k.max_record_bytes,
+        linger_ms=OUTPUT_LINGER_MS, **overrides,
+    )
+
+
+def transactional_id(settings) -> str:
+    """The exactly-once producer's transactional id: stable per consumer group and input topic,
+    so a restarted instance fences its zombie.
+
+    >>> from stream_dec.settings import load_settings
+    >>> transactional_id(load_settings(kafka__group_id="g", kafka__input_topic="in"))
+    'stream-dec-g-in'
+    """
+    return f"stream-dec-{settings.kafka.group_id}-{settings.kafka.input_topic}"
+
+
+def highwater_lag(consumer: KafkaConsumer) -> dict[int, int]:
+    """Records behind the high watermark, per assigned partition whose watermark is known.
+
+    ``highwater()`` (known after a fetch) rather than ``end_offsets()``, which tansu
+    answers wrongly (docs/kafka-notes.md).
+    """
+    lag = {}
+    for tp in consumer.assignment():
+        hw = consumer.highwater(tp)
+        if hw is not None:
+            lag[tp.partition] = max(0, hw - consumer.position(tp))
+    return lag
