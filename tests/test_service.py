@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -11,13 +10,11 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
-from conftest_kafka import consume
-from kafka import KafkaProducer
+from kafka_helpers import consume, run_in_thread, send_items, service_settings, setup_stream
 
 from stream_dec import StreamDEC
-from stream_dec.io.codecs import CONTENT_TYPE_FLOAT32, encode_float32, encode_json
+from stream_dec.io.codecs import CONTENT_TYPE_FLOAT32
 from stream_dec.service import StreamService
-from stream_dec.settings import load_settings
 from tests.conftest import FAST
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "stream_dec" / "schemas"
@@ -25,25 +22,6 @@ SCHEMAS = Path(__file__).resolve().parents[1] / "stream_dec" / "schemas"
 
 def _schema(name):
     return json.loads((SCHEMAS / f"{name}.schema.json").read_text())
-
-
-def _settings(broker, ckpt_dir, tag, **over):
-    return load_settings(
-        kafka__bootstrap_servers=broker.bootstrap_servers,
-        kafka__group_id=f"g-{tag}",
-        kafka__input_topic=f"in-{tag}",
-        kafka__output_topic=f"out-{tag}",
-        kafka__dlq_topic=f"dlq-{tag}",
-        kafka__session_timeout_ms=6000,
-        kafka__heartbeat_interval_ms=1000,
-        batch__max_size=over.pop("batch_size", 64),
-        batch__max_wait_ms=over.pop("batch__max_wait_ms", 200),
-        checkpoint__dir=str(ckpt_dir),
-        checkpoint__interval_batches=over.pop("interval", 2),
-        metrics__port=over.pop("metrics_port", 0),
-        metrics__host="127.0.0.1",
-        **over,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -60,33 +38,6 @@ def _fresh_ckpt_dir(base_model, tmp_path):
     return d
 
 
-def _setup_stream(broker, blobs, tmp_path, tag):
-    """Fresh topics in-/out-/dlq-<tag> and a checkpoint dir with a model fitted on the base blobs."""
-    broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
-    ckpt = tmp_path / "ckpt"
-    StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"]).save(ckpt)
-    return ckpt
-
-
-def _send(broker, topic, items, bad=()):
-    p = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5)
-    for i, (item_id, vec) in enumerate(items):
-        if i % 2:
-            p.send(topic, key=item_id.encode(), value=encode_float32(vec), headers=[("content-type", CONTENT_TYPE_FLOAT32.encode())])
-        else:
-            p.send(topic, key=item_id.encode(), value=encode_json(item_id, vec))
-    for key, value, headers in bad:
-        p.send(topic, key=key, value=value, headers=headers)
-    p.flush()
-    p.close()
-
-
-def _run_in_thread(service, idle=2.5):
-    t = threading.Thread(target=service.run, kwargs={"max_idle_s": idle, "install_signals": False}, daemon=True)
-    t.start()
-    return t
-
-
 def test_labels_drift_dlq_and_metrics(broker, blobs, base_model, tmp_path):
     tag = "e2e"
     broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
@@ -99,14 +50,14 @@ def test_labels_drift_dlq_and_metrics(broker, blobs, base_model, tmp_path):
         (b"b4", b"\x00\x00\x80", [("content-type", CONTENT_TYPE_FLOAT32.encode())]),  # not a multiple of 4 bytes
         (b"b5", json.dumps({"embedding": [0.0] * 24}).encode(), None),  # no id
     ]
-    _send(broker, f"in-{tag}", items, bad)
+    send_items(broker, f"in-{tag}", items, bad)
 
     ckpt = _fresh_ckpt_dir(base_model, tmp_path)
-    service = StreamService(_settings(broker, ckpt, tag, metrics_port=0))
+    service = StreamService(service_settings(broker, ckpt, tag, metrics_port=0))
     from stream_dec.service.metrics import MetricsServer
 
     server = MetricsServer(service.metrics, "127.0.0.1", 0, stale_after_s=30).start()
-    thread = _run_in_thread(service)
+    thread = run_in_thread(service)
     deadline = time.monotonic() + 60
     while service.processed_batches < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -155,12 +106,12 @@ def test_restart_resumes_from_checkpoint_without_relabelling(broker, blobs, base
     broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
     ckpt = _fresh_ckpt_dir(base_model, tmp_path)
     first = [(f"a-{i}", blobs["X"][i]) for i in range(200)]
-    _send(broker, f"in-{tag}", first)
-    s1 = StreamService(_settings(broker, ckpt, tag))
+    send_items(broker, f"in-{tag}", first)
+    s1 = StreamService(service_settings(broker, ckpt, tag))
     s1.run(max_idle_s=2.0, install_signals=False)
     second = [(f"b-{i}", blobs["X"][200 + i]) for i in range(100)]
-    _send(broker, f"in-{tag}", second)
-    s2 = StreamService(_settings(broker, ckpt, tag))
+    send_items(broker, f"in-{tag}", second)
+    s2 = StreamService(service_settings(broker, ckpt, tag))
     assert s2.model.version_ == s1.model.version_
     s2.run(max_idle_s=2.0, install_signals=False)
     out = [json.loads(r.value) for r in consume(broker.bootstrap_servers, f"out-{tag}", 300)]
@@ -172,18 +123,18 @@ def test_no_checkpoint_is_a_clear_error(broker, tmp_path):
     from stream_dec.service import NoCheckpointError
 
     with pytest.raises(NoCheckpointError, match="stream-dec train"):
-        StreamService(_settings(broker, tmp_path / "empty", "nock"))
+        StreamService(service_settings(broker, tmp_path / "empty", "nock"))
 
 
 def test_published_labels_equal_offline_streamdec_on_the_same_batches(broker, blobs, tmp_path):
     """The service adds no behaviour of its own: same seed, same batch boundaries, same labels."""
     tag = "offline"
-    ckpt = _setup_stream(broker, blobs, tmp_path, tag)
+    ckpt = setup_stream(broker, blobs, tmp_path, tag)
     X = np.concatenate([blobs["X"][:220], blobs["X_new"][:80]])
     X = X[np.random.default_rng(2).permutation(len(X))]
-    _send(broker, f"in-{tag}", [(f"o-{i}", X[i]) for i in range(len(X))])
+    send_items(broker, f"in-{tag}", [(f"o-{i}", X[i]) for i in range(len(X))])
     # A long wait: batches are cut by size only, so their boundaries are known.
-    settings = _settings(broker, ckpt, tag, batch_size=64, interval=1000, batch__max_wait_ms=3000)
+    settings = service_settings(broker, ckpt, tag, batch_size=64, interval=1000, batch__max_wait_ms=3000)
     offline = StreamDEC.load(ckpt)
     StreamService(settings).run(max_idle_s=1.0, install_signals=False)
 

@@ -11,11 +11,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest_kafka import consume
+from kafka_helpers import committed, consume, send_items, setup_stream
 
 from stream_dec import StreamDEC
 from tests.conftest import FAST
-from tests.test_service import _send, _setup_stream
 
 
 def _env(broker, tag, ckpt):
@@ -100,12 +99,12 @@ def _ckpt(blobs, tmp_path):
 
 def test_kill_9_then_restart_labels_everything_and_replays_identically(broker, blobs, stream, tmp_path):
     tag = "kill"
-    ckpt = _setup_stream(broker, blobs, tmp_path, tag)
+    ckpt = setup_stream(broker, blobs, tmp_path, tag)
     env = _env(broker, tag, ckpt)
     # No checkpoint during the run: the kill then always leaves journaled batches to
     # replay (with interval 4 it could land right after a checkpoint, replaying nothing).
     env["STREAM_DEC_CHECKPOINT__INTERVAL_BATCHES"] = "1000"
-    _send(broker, f"in-{tag}", stream)
+    send_items(broker, f"in-{tag}", stream)
     proc = _start(env)
     deadline = time.monotonic() + 90
     while _count_outputs(broker, tag) < 500 and time.monotonic() < deadline:
@@ -144,9 +143,9 @@ def test_kill_9_then_restart_labels_everything_and_replays_identically(broker, b
 
 def test_sigterm_finishes_checkpoints_commits_and_exits_0(broker, blobs, stream, tmp_path):
     tag = "term"
-    ckpt = _setup_stream(broker, blobs, tmp_path, tag)
+    ckpt = setup_stream(broker, blobs, tmp_path, tag)
     env = _env(broker, tag, ckpt)
-    _send(broker, f"in-{tag}", stream)
+    send_items(broker, f"in-{tag}", stream)
     proc = _start(env)
     deadline = time.monotonic() + 90
     while _count_outputs(broker, tag) < 300 and time.monotonic() < deadline:
@@ -181,25 +180,19 @@ def test_corrupt_newest_checkpoint_falls_back(blobs, tmp_path):
 
 
 def test_exactly_once_restart_relearns_committed_batches_without_publishing_them(broker, blobs, stream, tmp_path):
-    from kafka import KafkaConsumer, TopicPartition
-
-    def committed():
-        c = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, group_id=f"g-{tag}", enable_auto_commit=False)
-        try:
-            return c.committed(TopicPartition(f"in-{tag}", 0)) or 0
-        finally:
-            c.close()
+    def group_offset():
+        return committed(broker, f"g-{tag}", f"in-{tag}") or 0
 
     tag = "eoskill"
-    ckpt = _setup_stream(broker, blobs, tmp_path, tag)
+    ckpt = setup_stream(broker, blobs, tmp_path, tag)
     env = _env(broker, tag, ckpt)
     env["STREAM_DEC_KAFKA__PROCESSING_GUARANTEE"] = "exactly_once"
     env["STREAM_DEC_CHECKPOINT__INTERVAL_BATCHES"] = "1000"  # the kill leaves every batch after the checkpoint
     first, second = stream[:300], stream[300:400]
-    _send(broker, f"in-{tag}", first)
+    send_items(broker, f"in-{tag}", first)
     proc = _start(env)
     deadline = time.monotonic() + 90
-    while committed() < len(first) and time.monotonic() < deadline:
+    while group_offset() < len(first) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)  # idle between transactions: nothing is left open
@@ -207,7 +200,7 @@ def test_exactly_once_restart_relearns_committed_batches_without_publishing_them
     before = [v for v in _read_all(broker, tag) if v["kind"] == "assignment"]
     assert sorted(a["id"] for a in before) == sorted(i for i, _ in first)
 
-    _send(broker, f"in-{tag}", second)
+    send_items(broker, f"in-{tag}", second)
     restarted = _start(env, "--exit-when-idle", "3")
     out, err = restarted.communicate(timeout=120)
     assert restarted.returncode == 0, err
