@@ -1,4 +1,4 @@
-"""Quality benchmark CLI: the stream protocol of DESIGN.md section 5 over the shared data sets.
+"""Quality benchmark CLI: the stream protocol of docs/quality-protocol.md over the benchmark data sets.
 
 Runs the baselines of ``bench/baselines.py`` and ``stream_dec.StreamDEC`` (plus named
 variants) through ``bench/protocol.py``, prints one table per scenario (means over
@@ -17,7 +17,7 @@ classes), mbk_all (k = all classes), refit_kmeans (ceiling), oracle_2proto and
 oracle_1centre (drift only; they see labels), stream_dec.
 
 ``--threads`` (default 1) pins BLAS / OpenMP / torch threads: on small VMs, thread pools
-made sklearn fits erratic and up to 10x slower, which would distort the update times.
+made sklearn fits erratic and several times slower, which would distort the update times.
 """
 
 from __future__ import annotations
@@ -161,8 +161,8 @@ def stream_dec_methods(params: dict[str, Any], variants: list[tuple[str, dict[st
 def limit_threads(n: int) -> None:
     """Pin BLAS / OpenMP / torch to ``n`` threads so update times are comparable and stable.
 
-    On small VMs, spinning OpenMP and BLAS pools made sklearn fits up to 10x slower and
-    erratic from one call to the next; the environment variables cover libraries that
+    On small VMs, spinning OpenMP and BLAS pools made sklearn fits several times slower
+    and erratic from one call to the next; the environment variables cover libraries that
     load later (e.g. torch imported lazily inside a model).
     """
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):

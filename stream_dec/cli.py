@@ -366,7 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``stream-dec`` (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(prog="stream-dec", description="Streaming Deep Embedded Clustering with stable cluster ids.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_evaluate, _add_run, _add_demo, _add_inspect, _add_produce):
+        add(sub)
+    return parser
 
+
+def _add_train(sub) -> None:
+    """The ``train`` subcommand."""
     t = sub.add_parser("train", help="fit a base model on a .npy/.npz file and write the first checkpoint")
     t.add_argument("--data", required=True, help=".npy array or .npz file with array X")
     t.add_argument("--key", default="X", help="array name inside a .npz (default X)")
@@ -379,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=_cmd_train)
 
+
+def _add_evaluate(sub) -> None:
+    """The ``evaluate`` subcommand."""
     e = sub.add_parser("evaluate", help="score a checkpoint on a data set (ACC/NMI/ARI when labels are present)")
     e.add_argument("--checkpoint", required=True, help="checkpoint file, or a directory (newest valid one)")
     e.add_argument("--data", required=True, help=".npy or .npz file")
@@ -386,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels-key", default="y", help="labels array inside a .npz, used only to score (default y)")
     e.set_defaults(func=_cmd_evaluate)
 
+
+def _add_run(sub) -> None:
+    """The ``run`` subcommand."""
     r = sub.add_parser("run", help="the Kafka service: label, learn, publish, checkpoint (settings from STREAM_DEC_* / .env)")
     r.add_argument("--env-file", default=None, help="settings file (default: ./.env when it exists)")
     r.add_argument("--bootstrap-servers", default=None, help="overrides STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS")
@@ -400,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS", help="stop after this long without records (batch jobs, tests)")
     r.set_defaults(func=_cmd_run)
 
+
+def _add_demo(sub) -> None:
+    """The ``demo`` subcommand."""
     d = sub.add_parser(
         "demo",
         help="the main job: embedded broker, train on a real sample, stream the rest through the service, report",
@@ -418,10 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress output")
     d.set_defaults(func=_cmd_demo)
 
+
+def _add_inspect(sub) -> None:
+    """The ``inspect`` subcommand."""
     i = sub.add_parser("inspect", help="print what a checkpoint holds")
     i.add_argument("--checkpoint", required=True, help="checkpoint file, or a directory (newest valid one)")
     i.set_defaults(func=_cmd_inspect)
 
+
+def _add_produce(sub) -> None:
+    """The ``produce`` subcommand."""
     p = sub.add_parser(
         "produce",
         help="publish a .npy/.npz data set to a Kafka topic (JSON or float32 records)",
@@ -442,7 +463,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress-every", type=_non_negative, default=10_000, help="print progress every N records (0 = never)")
     p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the broker before giving up (default 10)")
     p.set_defaults(func=_cmd_produce)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,7 @@ SELECTOR_RE = re.compile(r"\b(stream_dec_[a-z0-9_]*[a-z0-9])\{([^{}]*)\}")
 # Labels Prometheus attaches to every scraped series, and histograms' bucket label.
 TARGET_LABELS = {"job", "instance"}
 
-# What the issue asks the stack to watch: alerts and dashboard content.
+# What the stack must watch (deploy/OPERATE.md): alerts and dashboard content.
 REQUIRED_ALERTS = {
     "StreamDecTargetDown",  # service down
     "StreamDecConsumerLagGrowing",
@@ -266,7 +266,7 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test():
     assert (fires | quiet) - names == set(), f"tests of alerts that do not exist: {sorted((fires | quiet) - names)}"
 
 
-def test_alerts_cover_the_issue_and_are_documented():
+def test_required_alerts_exist_and_are_documented():
     alerts = _alerts()
     names = {a["alert"] for a in alerts}
     assert REQUIRED_ALERTS <= names, f"missing alerts: {sorted(REQUIRED_ALERTS - names)}"
@@ -310,7 +310,7 @@ def test_every_referenced_metric_is_exported_by_the_service():
     assert not problems, "\n".join(sorted(set(problems)))
 
 
-def test_dashboard_shows_what_the_issue_asks_for():
+def test_dashboard_shows_the_required_metrics():
     used = {m for _, expr in _dashboard_exprs(_dashboard()) for m in METRIC_RE.findall(expr)}
     assert REQUIRED_DASHBOARD_METRICS <= used, f"dashboard lacks {sorted(REQUIRED_DASHBOARD_METRICS - used)}"
 
