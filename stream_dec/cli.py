@@ -334,8 +334,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     try:
         return service.run(max_idle_s=args.exit_when_idle)
-    except KafkaError as exc:
-        raise CommandError(f"Kafka at {settings.kafka.bootstrap_servers}: {type(exc).__name__}: {exc}") from None
+    except KafkaError as exc:  # kafka-python's errors name their type only sometimes
+        text = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
+        raise CommandError(f"Kafka at {settings.kafka.bootstrap_servers}: {text}") from None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -106,7 +106,8 @@ def producer_config(
 def make_producer(bootstrap_servers: str | Sequence[str], **overrides: Any) -> KafkaProducer:
     """A ``kafka.KafkaProducer`` with :func:`producer_config` (same arguments).
 
-    Raises kafka-python's ``NoBrokersAvailable`` (a ``KafkaError``) when no broker answers.
+    Raises a ``kafka.errors.KafkaError`` (a timeout) when no broker answers within the
+    bootstrap timeout.
     """
     from kafka import KafkaProducer
 
