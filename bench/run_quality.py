@@ -23,7 +23,6 @@ made sklearn fits erratic and several times slower, which would distort the upda
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime as dt
 import importlib.metadata
 import json
@@ -49,6 +48,9 @@ try:  # imported as part of the namespace package ``bench``
 except ImportError:  # bench/ itself is on sys.path (python bench/run_quality.py)
     from baselines import FrozenKMeans, MBKMeans, OneCentreOracle, RefitKMeans, TwoPrototypeOracle
     from protocol import DRIFT_F, run_class_incremental, run_gradual_drift
+
+# The protocol module put this checkout first on sys.path: values parse as `stream-dec train --param` reads them.
+from stream_dec.cli import parse_value  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -110,14 +112,6 @@ RATIOS = {
     CI: [("acc_all_vs_refit", "acc_all", REFIT, "acc_all"), ("acc_new_vs_refit", "acc_new", REFIT, "acc_new")],
     GD: [("tracking_vs_oracle", "tracking", ORACLE, "tracking")],
 }
-
-
-def parse_value(text: str) -> Any:
-    """A Python literal if ``text`` is one, else the string itself."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:

@@ -29,16 +29,24 @@ class CommandError(ValueError):
 
 
 # ---------------------------------------------------------------- argument types
+def parse_value(text: str) -> object:
+    """A Python literal if ``text`` is one, else the text itself (hyper-parameter values on command lines).
+
+    >>> parse_value("(64, 32)"), parse_value("0.5"), parse_value("None"), parse_value("mean")
+    ((64, 32), 0.5, None, 'mean')
+    """
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def _param(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with VALUE a Python literal when it parses as one, else the text itself."""
+    """``KEY=VALUE`` with VALUE as :func:`parse_value` reads it."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    return key.strip(), value
+    return key.strip(), parse_value(raw)
 
 
 def _integer(text: str, low: int) -> int:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+#: The labelled sample shipped inside the package (stream_dec/data/README.md).
+SAMPLE_NAME = "banking77_sample.npz"
+
 # The first bytes of each format: a file that lacks them is refused before numpy reads it,
 # since numpy would try pickle on it and answer with a message about pickled data.
 _MAGIC = {".npy": (b"\x93NUMPY",), ".npz": (b"PK\x03\x04", b"PK\x05\x06")}
+
+
+def sample_path() -> Path:
+    """Path of the Banking77 sample shipped inside the package (``stream-dec demo``'s data)."""
+    return Path(str(resources.files("stream_dec") / "data" / SAMPLE_NAME))
 
 
 class DataFileError(ValueError):

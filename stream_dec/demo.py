@@ -23,26 +23,18 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from stream_dec.datasets import sample_path
 from stream_dec.evaluation import churn, score_all
 from stream_dec.evaluation.protocol import SEGMENTS, class_incremental_split
 from stream_dec.io.codecs import REASON_HEADER
 
-SAMPLE_NAME = "banking77_sample.npz"
-
-
 class DemoError(RuntimeError):
     """The demo could not run to the end; the message says which phase failed and why."""
-
-
-def default_data_path() -> Path:
-    """Path of the Banking77 sample shipped inside the package."""
-    return Path(str(resources.files("stream_dec") / "data" / SAMPLE_NAME))
 
 
 @dataclass
@@ -58,7 +50,7 @@ class Sample:
 
 def load_sample(path: str | os.PathLike | None = None) -> Sample:
     """Load a ``.npz`` with arrays ``X`` and ``y`` (``label_names``, ``attribution`` optional)."""
-    p = Path(path) if path is not None else default_data_path()
+    p = Path(path) if path is not None else sample_path()
     if not p.is_file():
         raise DemoError(f"data file {p} does not exist")
     try:

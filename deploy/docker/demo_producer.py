@@ -15,7 +15,6 @@ STREAM_DEC_KAFKA__INPUT_TOPIC), so it feeds whatever ``stream-dec run`` reads.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import itertools
 import json
 import os
@@ -33,10 +32,6 @@ _STOP = False
 def _stop(*_args) -> None:
     global _STOP
     _STOP = True
-
-
-def _sample_path() -> str:
-    return str(importlib.resources.files("stream_dec") / "data" / "banking77_sample.npz")
 
 
 def _bad_records():
@@ -92,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("stream-dec-demo-producer: --rate must be > 0")
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    from stream_dec.datasets import load_embeddings
+    from stream_dec.datasets import load_embeddings, sample_path
 
-    X, _ = load_embeddings(args.data or _sample_path())
+    X, _ = load_embeddings(args.data or sample_path())
     X = np.asarray(X, dtype=np.float32)
     rng = np.random.default_rng(args.seed)
     producer = _connect(args.bootstrap_servers, args.connect_timeout)

@@ -24,7 +24,7 @@ done
 
 data="${TRAIN_DATA:-}"
 if [ -z "$data" ]; then
-    data="$(python -c 'import importlib.resources as r; print(r.files("stream_dec") / "data" / "banking77_sample.npz")')"
+    data="$(python -c 'from stream_dec.datasets import sample_path; print(sample_path())')"
 fi
 echo "stream-dec-train-if-missing: no checkpoint in $dir; training on $data"
 exec stream-dec train \
