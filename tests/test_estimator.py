@@ -89,14 +89,106 @@ def test_report_fields_and_fisher_after_update(fitted, blobs, tmp_path):
     assert d["model_version"] == 1 and "churn" in d
 
 
+def _same_model(a: StreamDEC, b: StreamDEC) -> bool:
+    """Whether two models hold the same state (every tensor and value of their checkpoints)."""
+
+    def same(x, y) -> bool:
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+        return x == y
+
+    return same(a._state(None), b._state(None))
+
+
+def _stream(blobs, n=12):
+    return [np.concatenate([blobs["X"][t * 60 : t * 60 + 60], blobs["X_new"][t * 25 : t * 25 + 25]]) for t in range(n)]
+
+
 def test_step_and_time_budgets_bound_the_update(fitted, blobs, tmp_path):
     m = _clone(fitted, tmp_path).set_params(centre_rule="dec")  # the rule that takes gradient steps
     m.online_steps = 3
-    assert m.partial_fit(blobs["X"][:128]).steps == 3
+    r = m.partial_fit(blobs["X"][:128])
+    assert r.steps == 3 and r.plan == dict(learn=True, steps=3, steps_cut=False, spawn_skipped=False, proposals=None, guard_cut=False)
+    assert not r.budget_exhausted
+    # 100000 steps never fit in 30 ms: the clock, not the step budget, ends them, and the plan says so.
     m.online_steps, m.max_update_ms = 100000, 30.0
     r = m.partial_fit(blobs["X"][:128])
-    assert r.budget_exhausted and 0 < r.steps < 100000
-    assert r.update_ms < 30.0 + 250.0  # the budget is checked between steps
+    assert r.budget_exhausted and r.plan["steps_cut"] and r.plan["steps"] == r.steps < 100000
+
+
+@pytest.mark.parametrize("rule", ["mean", "dec"])
+def test_zero_steps_labels_only_and_learns_nothing(fitted, blobs, tmp_path, rule):
+    m = _clone(fitted, tmp_path).set_params(centre_rule=rule, online_steps=0)
+    ref = _clone(fitted, tmp_path).set_params(centre_rule=rule, online_steps=0)
+    X = np.concatenate([blobs["X"], blobs["X_new"]])
+    labels = m.predict(X)
+    for batch in _stream(blobs):  # novel items too: nothing is spawned either
+        r = m.partial_fit(batch)
+        assert r.plan["learn"] is False and r.steps == 0 and r.model_version == 0 and r.new_cluster_ids == []
+        assert r.novelty_rate > 0.2 and r.churn == 0.0 and not r.budget_exhausted
+    assert _same_model(m, ref) and np.array_equal(m.predict(X), labels)
+    assert m.version_ == 0 and m.n_seen_ == ref.n_seen_ and len(m.buffer_) == 0
+
+
+@pytest.mark.parametrize("rule, budget_ms", [("dec", 1e-6), ("dec", 3.0), ("mean", 1e-6), ("mean", 3.0)])
+def test_a_cut_update_replayed_with_its_plan_is_an_exact_copy(fitted, blobs, tmp_path, rule, budget_ms):
+    """Whatever the clock cut, the same model, batch and plan give the same model and report."""
+    m = _clone(fitted, tmp_path).set_params(centre_rule=rule, online_steps=100000, max_update_ms=budget_ms)
+    plans = []
+    for t, batch in enumerate(_stream(blobs)):
+        path = m.save(tmp_path / f"pre-{t}.sdec")  # the model before the update, as a restarted service has it
+        r = m.partial_fit(batch)
+        copy = StreamDEC.load(path).set_params(online_steps=5, max_update_ms=250.0)  # other budgets: the plan rules
+        r2 = copy.partial_fit(batch, plan=r.plan)
+        assert {**r.to_dict(), "update_ms": 0} == {**r2.to_dict(), "update_ms": 0}, t
+        assert _same_model(m, copy.set_params(online_steps=100000, max_update_ms=budget_ms)), t
+        assert np.array_equal(m.predict(blobs["X_new"]), copy.predict(blobs["X_new"]))
+        plans.append(r.plan)
+    assert all(p["learn"] for p in plans)
+    if rule == "dec" or budget_ms < 1e-3:  # 100000 DEC steps never fit in 3 ms; nothing fits in 1 ns
+        assert all(p["steps_cut"] for p in plans)
+    if budget_ms < 1e-3:  # no centre step, and every due spawn search waits
+        assert all(p["steps"] == 0 for p in plans) and any(p["spawn_skipped"] for p in plans)
+        assert m.n_clusters_ == 5 and m.buffer_.added_since_try >= len(m.buffer_) // 4
+        # Given time (a plan without cuts), the search that waited runs at the next batch.
+        r = m.partial_fit(blobs["X_new"][:40], plan=dict(steps=1))
+        assert r.new_cluster_ids and r.plan["proposals"] is None
+
+
+def test_a_guard_out_of_time_rolls_the_update_back(blobs):
+    """A loose spawn gate next to an old blob makes the guard work; cut, it restores the old clusters."""
+    rng = np.random.default_rng(11)
+    X_old, y_old = blobs["X"], blobs["y"]
+    anchor = X_old[y_old == 2].mean(0)
+    direction = rng.standard_normal(anchor.shape).astype(np.float32)
+    near = anchor + 1.2 * direction / np.linalg.norm(direction) + 0.5 * rng.standard_normal((400, anchor.shape[0])).astype(np.float32)
+    m = StreamDEC(n_clusters=5, new_cluster_churn=0.5, margin=0.0, max_churn=0.0, max_total_churn=0.0, random_state=0, **FAST).fit(X_old)
+    ref_ids = m.predict(X_old)
+    rolled = 0
+    for t in range(10):
+        batch = np.concatenate([X_old[t * 60 : t * 60 + 60], near[t * 40 : t * 40 + 40]])
+        table = m.clusters_.state()
+        r = m.partial_fit(batch, plan=dict(steps=1, guard_cut=True))
+        assert r.guard_action == "rolled_back" and r.plan["guard_cut"] and r.budget_exhausted
+        assert r.churn == 0.0 and r.new_cluster_ids == [] and r.model_version == t + 1
+        # The clusters are as before the update: ids, prototypes, gates, radii. (Running
+        # statistics still count the batch; an id given and taken back is not reused.)
+        for k, v in m.clusters_.state().items():
+            assert k in ("next_id", "freq") or torch.equal(v, table[k]), k
+        rolled += m.buffer_.added_since_try > 0
+    assert np.array_equal(m.predict(X_old), ref_ids)
+    assert len(m.buffer_) > 0 and rolled  # the batches wait in the window for a later update
+    assert m.next_id_ > 5 and m.n_clusters_ == 5  # clusters were spawned, and taken back
+
+
+def test_a_bad_plan_is_rejected_and_the_model_unchanged(fitted, blobs, tmp_path):
+    m = _clone(fitted, tmp_path)
+    for bad in ({"step": 1}, {"steps": -1}, {"steps": 1.5}, {"learn": "yes"}, [1, 2]):
+        with pytest.raises(ValueError, match="plan"):
+            m.partial_fit(blobs["X"][:50], plan=bad)
+    assert m.version_ == 0 and _same_model(m, _clone(fitted, tmp_path))
 
 
 @pytest.mark.parametrize(

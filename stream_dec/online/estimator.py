@@ -50,7 +50,7 @@ from stream_dec.online.context import UpdateContext
 from stream_dec.online.ewc import OnlineEWC
 from stream_dec.online.guard import churn_guard
 from stream_dec.online.novelty import NoveltyBuffer
-from stream_dec.online.report import DriftReport
+from stream_dec.online.report import DriftReport, UpdatePlan
 from stream_dec.online.reservoir import Reservoir
 from stream_dec.online.rules import STEP_ROWS, make_rule
 from stream_dec.online.spawn import SPAWN_RULES, maybe_spawn
@@ -100,7 +100,19 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         only the centres. Off by default: it sharpens the fitted clusters but folds
         classes the model has not seen onto them.
     n_init : k-means restarts for the centre initialisation.
-    online_steps, max_update_ms : the step and wall-clock budget of one ``partial_fit``.
+    online_steps : step budget of one ``partial_fit``: at most this many centre-rule
+        steps (the "mean" rule takes one closed-form step). 0 means label only: the
+        update changes nothing (no centre step, novelty window, spawning, statistics
+        or version), its report says so (``plan["learn"]`` False).
+    max_update_ms : wall-clock budget of one ``partial_fit``, spawn search and churn
+        guard included. The clock is checked between units of work (a centre step, the
+        spawn search, each proposal, each guard iteration); centre steps stop at half
+        the budget, leaving the rest to spawning and the guard. What does not fit waits
+        for a later batch: remaining steps are dropped, the spawn search is retried at
+        the next batch, and a guard out of time rolls the centre step and new clusters
+        back (within the churn budgets by construction). One unit (e.g. generating the
+        spawn proposals) can overrun the budget. The report's ``plan`` records the cuts,
+        and ``partial_fit(X, plan=...)`` redoes them exactly, ignoring the clock.
     online_lr : online step size in units of the within-cluster spread.
     ewc_lambda, fisher_decay : online-EWC strength and the decay of the running Fisher
         (and of the running evidence counts of the "mean" rule).
@@ -302,8 +314,12 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         if self.verbose:
             print(f"[stream_dec] {msg}", file=sys.stderr, flush=True)
 
-    def _check_params(self) -> None:
-        check_params(self.get_params(), self._parameter_constraints)
+    def _check_params(self, names: tuple[str, ...] | None = None) -> None:
+        """Check all hyper-parameters, or only ``names``, against the constraints table."""
+        if names is None:
+            check_params(self.get_params(), self._parameter_constraints)
+        else:
+            check_params({n: getattr(self, n) for n in names}, {n: self._parameter_constraints[n] for n in names})
 
     def _check_fitted(self) -> None:
         if "clusters_" not in self.__dict__:
@@ -436,17 +452,25 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         return len(self.clusters_)
 
     # ------------------------------------------------------------------ online update
-    def partial_fit(self, X, y=None) -> DriftReport:
+    def partial_fit(self, X, y=None, *, plan: UpdatePlan | dict | None = None) -> DriftReport:
         """One bounded online update on the micro-batch ``X``; returns its drift report.
 
-        A rejected input (``ValueError``) leaves the model unchanged.
+        ``plan`` (the ``plan`` of an earlier report, e.g. from a journal) redoes that
+        update exactly, ignoring the clock, ``online_steps`` and ``max_update_ms``: the
+        same model, batch and plan give the same model and report. A rejected input
+        (``ValueError``) leaves the model unchanged.
         """
         self._check_fitted()
         t0 = time.perf_counter()
+        self._check_params(("online_steps", "max_update_ms"))  # the budgets are set after fit (the service does)
+        replay = None if plan is None else UpdatePlan.from_dict(plan)
         z = self._encode(self._prepare(X))
-        u = self._begin_update(z, t0)
-        steps, exhausted = self._rule().step(self, u)
-        res_both = gates.calibrate_moving_gates(self.clusters_, u.res, u.before, self.margin) if steps else None
+        if not (replay.learn if replay is not None else self.online_steps > 0):
+            return self._label_only(z, t0)
+        u = self._begin_update(z, t0, replay)
+        u.steps, cut = self._rule().step(self, u)
+        u.steps_cut = replay.steps_cut if replay is not None else cut
+        res_both = gates.calibrate_moving_gates(self.clusters_, u.res, u.before, self.margin) if u.steps else None
         aged_z, aged_ids = self.buffer_.add(
             z.cpu().numpy(), self.clusters_.ids[u.nearest.cpu().numpy()], (~u.explained).cpu().numpy(), u.version
         )
@@ -457,7 +481,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self._res_ids = self._remember(u, aged_z, aged_ids, spawned, after)
         self.version_ = u.version
         self.n_seen_ += int(z.shape[0])
-        return self._report(u, steps, exhausted, churn, action)
+        return self._report(u, churn, action)
 
     def _rule(self):
         """The centre rule object for ``centre_rule`` (a fresh one if the parameter changed)."""
@@ -467,7 +491,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             t.parts = [self.ewc_, self.rule_]
         return self.rule_
 
-    def _begin_update(self, z: torch.Tensor, t0: float) -> UpdateContext:
+    def _begin_update(self, z: torch.Tensor, t0: float, replay: UpdatePlan | None) -> UpdateContext:
         """Explain the batch with the current clusters and snapshot what the update must protect."""
         t, dev = self.clusters_, z.device
         t.begin_update()
@@ -476,9 +500,11 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         version = self.version_ + 1
         return UpdateContext(
             version=version, rng=np.random.default_rng([self.seed_, version]), t0=t0,
-            deadline=t0 + self.max_update_ms / 1000.0, z=z, z_in=z[explained], nearest=nearest, explained=explained,
+            deadline=t0 + self.max_update_ms / 1000.0, replay=replay,
+            step_budget=replay.steps if replay is not None else int(self.online_steps),
+            z=z, z_in=z[explained], nearest=nearest, explained=explained,
             res=res, published=torch.from_numpy(self.reservoir_.ids).to(dev), before=self._reservoir_assignment(res),
-            k_old=len(t), old_centres=t.centres.clone(),
+            k_old=len(t), old_centres=t.centres.clone(), old_gate_cur=t.gate_cur.clone(),
         )
 
     def _reservoir_assignment(self, res: torch.Tensor) -> torch.Tensor:
@@ -528,13 +554,13 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             after[slots] = gates.assign(t, res[slots])
         return after
 
-    def _report(self, u: UpdateContext, steps: int, exhausted: bool, churn: float, action: str) -> DriftReport:
-        t, k_old = self.clusters_, u.k_old
+    def _report(self, u: UpdateContext, churn: float, action: str) -> DriftReport:
+        t, k_old, plan = self.clusters_, u.k_old, u.plan()
         shift = float((t.centres[:k_old] - u.old_centres).norm(dim=1).mean() / torch.sqrt(t.radius[:k_old]).mean())
         return DriftReport(
             model_version=u.version,
             n_items=int(u.z.shape[0]),
-            steps=steps,
+            steps=u.steps,
             update_ms=(time.perf_counter() - u.t0) * 1000.0,
             churn=churn,
             centre_shift=shift,
@@ -542,8 +568,18 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             new_cluster_ids=[int(i) for i in t.ids[k_old:]],
             n_clusters=len(t),
             buffer_size=len(self.buffer_),
-            budget_exhausted=exhausted,
+            budget_exhausted=plan.cut,
             guard_action=action,
+            plan=plan.to_dict(),
+        )
+
+    def _label_only(self, z: torch.Tensor, t0: float) -> DriftReport:
+        """The report of an update that learns nothing (``online_steps=0``): the model is unchanged."""
+        explained = gates.explain(self.clusters_, z)[1]
+        return DriftReport(
+            model_version=int(self.version_), n_items=int(z.shape[0]), steps=0, update_ms=(time.perf_counter() - t0) * 1000.0,
+            churn=0.0, centre_shift=0.0, novelty_rate=float((~explained).float().mean()), n_clusters=len(self.clusters_),
+            buffer_size=len(self.buffer_), plan=UpdatePlan(learn=False).to_dict(),
         )
 
     # ------------------------------------------------------------------ persistence

@@ -6,6 +6,11 @@ an update may not push that share past the budget, which only binds once reached
 Over budget, it undoes the centre step first (halving it until it fits or is
 negligible: the step can be retried next batch), then drops the new cluster that
 relabels most remembered items, until the update fits or nothing is left to undo.
+
+Measuring is always done; undoing is not when the update's time is spent: then the
+guard rolls the update back instead (the old centres and gates return and the new
+clusters go, so no remembered item changes id: always within both budgets). The
+batch's items stay in the novelty window, so what was undone can happen at a later batch.
 """
 
 from __future__ import annotations
@@ -37,11 +42,15 @@ def churn_guard(est: "StreamDEC", u: UpdateContext, res_both: torch.Tensor | Non
     total_before = float((ids_t[before] != published).float().mean()) if len(res) else 0.0
     allowed_total = max(total_before, est.max_total_churn)
     action = "none"
+    if u.replay is not None and u.replay.guard_cut:
+        return _roll_back(est, u, spawned)
     after = gates.assign_reusing(t, res, res_both, u.k_old) if res_both is not None or spawned else before
     while True:
         churn, total = _churn(t, res, before, after, published)
         if churn <= est.max_churn and total <= allowed_total:
             break
+        if u.out_of_time():
+            return _roll_back(est, u, spawned)
         step = _undo_centre_step(t, u, est.latent_scale_)
         if step is not None:
             action = step
@@ -80,3 +89,17 @@ def _drop_worst_new(t, u: UpdateContext, after: torch.Tensor, spawned: list[np.n
     worst = int(torch.bincount(after[new_taken] - u.k_old, minlength=len(spawned)).argmax())
     t.drop(u.k_old + worst)
     spawned.pop(worst)
+
+
+def _roll_back(est: "StreamDEC", u: UpdateContext, spawned: list[np.ndarray]) -> tuple[float, str, torch.Tensor]:
+    """Undo the centre step, the gates it moved and the new clusters: the table is as before the update."""
+    t = est.clusters_
+    t.centres[: u.k_old] = u.old_centres
+    t.gate_cur[: u.k_old] = u.old_gate_cur
+    for j in reversed(range(u.k_old, len(t))):
+        t.drop(j)
+    spawned.clear()
+    if u.turnover is not None:
+        est.buffer_.added_since_try = u.turnover  # the spawn search is due again
+    u.guard_cut = True
+    return 0.0, "rolled_back", u.before

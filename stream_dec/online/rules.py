@@ -1,7 +1,8 @@
 """Centre rules: how the current prototypes follow the data, as plugins that own their state.
 
 A rule is chosen by ``StreamDEC(centre_rule=...)`` and has ``step(est, u)`` (move
-``est.clusters_.centres`` for the update ``u``; returns ``(steps taken, budget hit)``),
+``est.clusters_.centres`` for the update ``u``, at most ``u.step_budget`` steps and
+none once ``u.out_of_step_time()``; returns ``(steps taken, whether the clock cut them)``),
 ``state()`` / ``load_state()`` (what a checkpoint stores for it) and ``on_append`` /
 ``on_drop`` (kept in step with the cluster table). Both rules consolidate through
 ``est.ewc_`` (:class:`stream_dec.online.ewc.OnlineEWC`).
@@ -14,7 +15,6 @@ A rule is chosen by ``StreamDEC(centre_rule=...)`` and has ``step(est, u)`` (mov
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,14 +36,20 @@ class MeanRule:
     running evidence count e_j (``est.ewc_.evidence``) as the prior's Fisher, the MAP
     centre is μ_j + η_j (m_j - μ_j), η_j = n_j / (n_j + ewc_lambda · e_j), where m_j is
     the mean of the n_j batch items given to id j. A drifting class is followed within
-    a few batches; a few stray items barely move a centre. One closed-form step.
+    a few batches; a few stray items barely move a centre. One closed-form step, so
+    ``online_steps`` only switches it off (0); it is not taken when the update's time
+    is already spent.
     """
 
     name = "mean"
 
     @torch.no_grad()
     def step(self, est: "StreamDEC", u: UpdateContext) -> tuple[int, bool]:
-        """Move every current prototype toward the mean of its batch items; returns ``(1, False)``."""
+        """Move every current prototype toward the mean of its batch items; returns ``(steps, cut)``."""
+        if u.step_budget == 0:
+            return 0, False
+        if u.out_of_step_time():
+            return 0, True
         t = est.clusters_
         k = t.centres.shape[0]
         counts = torch.bincount(u.nearest, minlength=k).to(u.z.dtype)
@@ -88,9 +94,13 @@ class DecRule:
 
     @torch.no_grad()
     def step(self, est: "StreamDEC", u: UpdateContext) -> tuple[int, bool]:
-        """Up to ``online_steps`` Adam steps, checking the deadline before each; returns ``(steps, budget hit)``."""
+        """Up to ``u.step_budget`` Adam steps, checking the clock before each; returns ``(steps, cut)``.
+
+        The target and the rehearsal sample are drawn whenever the batch has explained
+        items, even if no step then fits: a replay of a plan with 0 steps draws the same.
+        """
         z_in, res, rng, tbl = u.z_in, u.res, u.rng, est.clusters_
-        if est.online_steps == 0 or z_in.shape[0] == 0:
+        if z_in.shape[0] == 0:
             return 0, False
         p = target_distribution(soft_assignment(squared_distances(z_in, tbl.centres), est.alpha), tbl.freq)
         rehearse = res[torch.from_numpy(rng.choice(len(res), size=min(len(res), 256), replace=False)).to(res.device)]
@@ -99,8 +109,8 @@ class DecRule:
         lr, (b1, b2) = est.online_lr * est.latent_scale_, self._BETAS
         steps, exhausted = 0, False
         order = torch.from_numpy(rng.permutation(z_in.shape[0])).to(z_in.device)
-        for step in range(est.online_steps):
-            if time.perf_counter() > u.deadline:
+        for step in range(u.step_budget):
+            if u.out_of_step_time():
                 exhausted = True
                 break
             rows = order[torch.arange(step * STEP_ROWS, (step + 1) * STEP_ROWS, device=z_in.device) % len(order)]

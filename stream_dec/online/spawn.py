@@ -7,6 +7,10 @@ items (never below ``(1+margin)²``). Gated Lloyd iterations then move it to the
 what it captures behind that gate. It is accepted only if it still captures
 ``min_support`` window items from at least two batches, as compactly as the fitted
 clusters (a duplicate of an old cluster fails: its calibrated gate leaves it nothing).
+
+Under the update's time budget a due search does not start once the time is spent,
+and stops checking proposals when it runs out; either way the window's turnover
+counter is left as it was, so the search is due again at the next batch.
 """
 
 from __future__ import annotations
@@ -38,25 +42,33 @@ def due(buf: NoveltyBuffer, room: int, min_support: int) -> bool:
 
 @torch.no_grad()
 def maybe_spawn(est: "StreamDEC", u: UpdateContext, res_both: torch.Tensor | None) -> list[np.ndarray]:
-    """Search the window when due; append the accepted clusters to ``est.clusters_``.
+    """Search the window when due and time allows; append the accepted clusters to ``est.clusters_``.
 
     ``res_both`` are the reservoir's squared distances to all prototypes if already
     computed. Returns the captured window rows of each new cluster, in table order.
+    Records in ``u`` whether the search was skipped or cut (a replay follows ``u.replay``).
     """
     t, buf = est.clusters_, est.buffer_
     room = est.max_clusters_ - len(t)
     if not due(buf, room, est.min_support_):
         return []
-    buf.added_since_try = 0
+    if u.replay.spawn_skipped if u.replay is not None else u.out_of_time():
+        u.spawn_skipped = True
+        return []
+    u.turnover, buf.added_since_try = buf.added_since_try, 0
     zw = torch.from_numpy(buf.z).to(t.device)
     d_win = gates.distances(t, zw)[1].min(1).values
     seed = int(u.rng.integers(2**31))
     proposals = _propose(est, zw, d_win, seed, max_new=min(room, MAX_NEW_PER_UPDATE))
     d_res_old = gates.held_distance(t, u.res, res_both)
     base_radius = float(torch.quantile(t.radius[~t.spawned], 0.25))
-    captured_rows = []
-    for c in proposals:
+    captured_rows: list[np.ndarray] = []
+    limit = u.replay.proposals if u.replay is not None else None
+    for i, c in enumerate(proposals):
         if len(t) >= est.max_clusters_:
+            break
+        if (limit is not None and i >= limit) or u.out_of_time():
+            u.proposals, buf.added_since_try = i, u.turnover
             break
         c, gate, d_c, captured = _settle(est, c, zw, d_win, u.res, d_res_old)
         n_cap = int(captured.sum())
