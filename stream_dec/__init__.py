@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "DriftReport", "StreamDEC", "__version__"]
+__all__ = ["CheckpointError", "DriftReport", "StreamDEC", "UpdatePlan", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from stream_dec.checkpoint import CheckpointError
-    from stream_dec.online import DriftReport, StreamDEC
+    from stream_dec.online import DriftReport, StreamDEC, UpdatePlan
 
 
 def __getattr__(name: str):
@@ -22,7 +22,7 @@ def __getattr__(name: str):
         from stream_dec.checkpoint import CheckpointError
 
         return CheckpointError
-    if name in ("DriftReport", "StreamDEC"):
+    if name in ("DriftReport", "StreamDEC", "UpdatePlan"):
         from stream_dec import online
 
         return getattr(online, name)

@@ -2,6 +2,6 @@
 gates, spawning, churn guard, novelty window, reservoir, persistence) and its drift report."""
 
 from stream_dec.online.estimator import StreamDEC
-from stream_dec.online.report import DriftReport
+from stream_dec.online.report import DriftReport, UpdatePlan
 
-__all__ = ["DriftReport", "StreamDEC"]
+__all__ = ["DriftReport", "StreamDEC", "UpdatePlan"]

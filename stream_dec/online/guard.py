@@ -26,8 +26,6 @@ from stream_dec.online.context import UpdateContext
 if TYPE_CHECKING:  # pragma: no cover
     from stream_dec.online.estimator import StreamDEC
 
-ACTIONS = ("none", "shrunk", "rolled_back", "dropped_new")
-
 
 @torch.no_grad()
 def churn_guard(est: "StreamDEC", u: UpdateContext, res_both: torch.Tensor | None, spawned: list[np.ndarray]) -> tuple[float, str, torch.Tensor]:
