@@ -10,12 +10,21 @@ import threading
 import time
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 
 from stream_dec.io.codecs import CONTENT_TYPE_FLOAT32, encode_float32, encode_json
 from stream_dec.settings import load_settings
 
 #: Short group timings: a join takes about half the session timeout (docs/kafka-notes.md).
 GROUP_TIMING = {"kafka__session_timeout_ms": 6000, "kafka__heartbeat_interval_ms": 1000}
+
+
+def consumer_record(partition: int, offset: int, *, topic: str = "in", key: bytes | None = None, value: bytes | None = b"v",
+                    headers=(), timestamp: int = 1_700_000_000_000) -> ConsumerRecord:
+    """A record as kafka-python's ``poll`` returns it (for tests of the service's rooms without a broker)."""
+    key = b"k%d-%d" % (partition, offset) if key is None else key
+    return ConsumerRecord(topic, partition, -1, offset, timestamp, 0, key, value, list(headers), None,
+                          len(key), len(value or b""), -1)
 
 
 def service_settings(broker, ckpt_dir, tag: str, **over):

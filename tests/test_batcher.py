@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from kafka.consumer.fetcher import ConsumerRecord
+from kafka_helpers import consumer_record as rec
 
 from stream_dec.service.batcher import REPLAY_LOOKAHEAD, Batcher, end_offsets
 from stream_dec.service.journal import JournalLine
 
 
-def rec(partition: int, offset: int) -> ConsumerRecord:
-    """A record as kafka-python's poll returns it."""
-    return ConsumerRecord("in", partition, -1, offset, 1_700_000_000_000 + offset, 0, b"k%d" % offset, b"v", [], None, 2, 1, -1)
-
-
-def recs(partition: int, start: int, stop: int) -> list[ConsumerRecord]:
+def recs(partition: int, start: int, stop: int) -> list:
     """Records ``start..stop-1`` of one partition."""
     return [rec(partition, o) for o in range(start, stop)]
 

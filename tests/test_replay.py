@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kafka.consumer.fetcher import ConsumerRecord
+from kafka_helpers import consumer_record
 
 from stream_dec import StreamDEC
 from stream_dec.io.codecs import CONTENT_TYPE_FLOAT32, decode_batch, encode_float32
@@ -21,12 +21,12 @@ from stream_dec.service.journal import JOURNAL, Journal
 HEADERS = [("content-type", CONTENT_TYPE_FLOAT32.encode())]
 
 
-def _records(X: np.ndarray) -> dict[int, list[ConsumerRecord]]:
+def _records(X: np.ndarray) -> dict[int, list]:
     """Rows of X spread over two partitions, as kafka-python's poll returns them."""
-    parts: dict[int, list[ConsumerRecord]] = {0: [], 1: []}
+    parts: dict[int, list] = {0: [], 1: []}
     for i, x in enumerate(X):
         p = i % 3 % 2  # partition 0 gets two rows in three
-        parts[p].append(ConsumerRecord("in", p, -1, len(parts[p]), 0, 0, f"id-{i}".encode(), encode_float32(x), HEADERS, None, 4, 96, -1))
+        parts[p].append(consumer_record(p, len(parts[p]), key=f"id-{i}".encode(), value=encode_float32(x), headers=HEADERS))
     return parts
 
 

@@ -245,7 +245,7 @@ class StreamService:
         if batch.journaled is None:  # a replayed batch's line is in the journal already
             self.journal.append(batch.end, labelled_by=version)
         clock.lap("journal")
-        self._dead_letter(records, decoded.failures)
+        _dead_letter(self.outputs, self.metrics, self.settings.kafka.dlq_topic, records, decoded.failures)
         valid = [records[i] for i in decoded.valid]
         if valid:
             self._label(valid, decoded, version, clock)
@@ -256,15 +256,12 @@ class StreamService:
         self.offsets.update(batch.end)
         self.processed_batches += 1
         self._batch_done(clock)
-        self.hooks.on_batch(BatchInfo(records, batch.end, len(valid), len(decoded.failures), False, clock.started, clock.laps))
+        self.hooks.on_batch(BatchInfo(records=records, end=batch.end, labelled=len(valid), dead_lettered=len(decoded.failures),
+                                      relearnt=False, started=clock.started, timings=clock.laps))
 
     def _label(self, valid: list, decoded, version: int, clock: _Stopwatch) -> None:
         """Predict, send the assignments, start the update."""
         out = self.settings.kafka.output_topic
-        ranges: dict[int, tuple[int, int]] = {}
-        for r in valid:
-            lo, hi = ranges.get(r.partition, (r.offset, r.offset))
-            ranges[r.partition] = (min(lo, r.offset), max(hi, r.offset))
         t0 = time.perf_counter()
         labels, conf = self.model.predict_with_confidence(decoded.X)
         self.metrics.predict_seconds.observe(time.perf_counter() - t0)
@@ -276,19 +273,8 @@ class StreamService:
             decoded.ids, labels.tolist(), conf, version, valid[0].topic, [r.partition for r in valid], [r.offset for r in valid]
         )
         self.outputs.send_many(out, keys, values, parts)
-        self.learner.start(self.model, decoded.X, ranges)
+        self.learner.start(self.model, decoded.X, _offset_ranges(valid))
         clock.lap("send")
-
-    def _dead_letter(self, records: list, failures: list) -> None:
-        """Send each undecodable record, original key and value, to the dead-letter topic."""
-        dlq = self.settings.kafka.dlq_topic
-        for pos, err in failures:
-            r = records[pos]
-            headers = dlq_headers_for(err, r.headers, r.topic, r.partition, r.offset)
-            self.outputs.send(dlq, key=r.key, value=r.value, headers=headers)
-            self.metrics.dlq.labels(err.reason).inc()
-        if failures:
-            self.metrics.records.labels("dead_lettered").inc(len(failures))
 
     def _relearn(self, batch: Batch, decoded, clock: _Stopwatch) -> None:
         """Exactly-once replay of a batch whose outputs were committed before a crash: learn only."""
@@ -302,7 +288,8 @@ class StreamService:
             self.offsets[p] = max(self.offsets.get(p, 0), o)
         self.metrics.records.labels("replayed").inc(len(batch.records))
         self._batch_done(clock)
-        self.hooks.on_batch(BatchInfo(batch.records, batch.end, 0, 0, True, clock.started, clock.laps))
+        self.hooks.on_batch(BatchInfo(records=batch.records, end=batch.end, labelled=0, dead_lettered=0,
+                                      relearnt=True, started=clock.started, timings=clock.laps))
 
     def _batch_done(self, clock: _Stopwatch) -> None:
         """Checkpoint when due, then let the outputs commit the offsets."""
@@ -377,6 +364,26 @@ class StreamService:
                 self.outputs.commit(self.offsets)
             self.metrics.assigned.set(0)
             self._owns = False
+
+
+def _dead_letter(outputs, metrics: ServiceMetrics, topic: str, records: list, failures: list) -> None:
+    """Send each undecodable record, original key and value, to the dead-letter topic."""
+    for pos, err in failures:
+        r = records[pos]
+        headers = dlq_headers_for(err, r.headers, r.topic, r.partition, r.offset)
+        outputs.send(topic, key=r.key, value=r.value, headers=headers)
+        metrics.dlq.labels(err.reason).inc()
+    if failures:
+        metrics.records.labels("dead_lettered").inc(len(failures))
+
+
+def _offset_ranges(records: list) -> dict[int, tuple[int, int]]:
+    """(first, last) offset of ``records`` per partition (the drift record's ``offset_ranges``)."""
+    ranges: dict[int, tuple[int, int]] = {}
+    for r in records:
+        lo, hi = ranges.get(r.partition, (r.offset, r.offset))
+        ranges[r.partition] = (min(lo, r.offset), max(hi, r.offset))
+    return ranges
 
 
 class _Stopwatch:

@@ -21,7 +21,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from stream_dec.service.journal import Journal
 from stream_dec.service.metrics import ServiceMetrics

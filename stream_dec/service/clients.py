@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.abstract import (
     AbstractPartitionAssignor,
@@ -26,7 +26,7 @@ from kafka.coordinator.assignors.abstract import (
     ConsumerProtocolSubscription,
 )
 
-from stream_dec.io.producer import make_producer
+from stream_dec.io.producer import producer_config
 
 #: Bytes one fetch may return, across partitions: a whole micro-batch of large vectors.
 FETCH_MAX_BYTES = 64 * 1024 * 1024
@@ -116,13 +116,26 @@ def make_consumer(settings) -> KafkaConsumer:
     return KafkaConsumer(**consumer_config(settings))
 
 
-def make_output_producer(settings, **overrides: Any):
-    """The producer of assignments, drift records and dead letters (``overrides``: e.g. a ``transactional_id``)."""
+def output_producer_config(settings, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of the producer of assignments, drift records and dead letters.
+
+    ``overrides``: e.g. the exactly-once ``transactional_id``.
+
+    >>> from stream_dec.settings import load_settings
+    >>> cfg = output_producer_config(load_settings())
+    >>> cfg["acks"], cfg["linger_ms"], cfg["max_request_size"]
+    ('all', 5, 4194304)
+    """
     k = settings.kafka
-    return make_producer(
+    return producer_config(
         k.bootstrap_list, client_id=k.client_id, acks="all", max_record_bytes=k.max_record_bytes,
         linger_ms=OUTPUT_LINGER_MS, **overrides,
     )
+
+
+def make_output_producer(settings, **overrides: Any) -> KafkaProducer:
+    """The producer of :func:`output_producer_config`."""
+    return KafkaProducer(**output_producer_config(settings, **overrides))
 
 
 def transactional_id(settings) -> str:
