@@ -1,6 +1,6 @@
 """Service benchmark: ``stream-dec run`` against a bare kafka-python consume-and-produce loop.
 
-Issue 3, item 7. On ONE embedded tansu broker, for every cell of
+On ONE embedded tansu broker, for every cell of
 dimension {384, 768} x input format {float32, json} x batch size {256, 1024, 4096}:
 
 * **bare**: a plain kafka-python loop (``assign`` from offset 0, no group) that decodes
@@ -15,12 +15,13 @@ dimension {384, 768} x input format {float32, json} x batch size {256, 1024, 409
 
 Throughput of both is records / (last output acknowledged - first records returned by a
 poll); the group join of the service is outside that window. The ratio service/bare is
-the issue's target (>= 0.8 for 384-d float32 at default settings, where
+the target (>= 0.8 for 384-d float32 at default settings, where
 ``batch.max_size`` is 4096; JSON against the JSON bare loop). For the service the script also records per-batch update
 time (the ``DriftReport.update_ms`` of every ``partial_fit``), the time the poll loop is
-blocked per batch (``_process``), a breakdown of the loop's wall time by phase (poll,
-predict, update, flush+acks, checkpoint, journal, commit, rest = decode/encode/send/
-metrics), and the service's own Prometheus histograms.
+blocked per batch, a breakdown of the loop's wall time by phase (poll, wait for the
+previous update, predict, acks, checkpoint, journal, commit, rest = decode/encode/send/
+metrics), and the service's own Prometheus histograms. The service is timed through its
+hooks (:class:`stream_dec.service.ServiceHooks`), not by replacing its methods.
 
 Input records are produced once per (dimension, format) with a tuned producer (linger
 20 ms, batch 1 MB) before any timing; every run reads them from a fresh output topic
@@ -199,31 +200,24 @@ def fit_base(X_train: np.ndarray, out_dir: Path, n_clusters: int, seed: int) -> 
 
 
 # ----------------------------------------------------------------------------- Kafka plumbing
-def client_settings() -> tuple[dict, dict]:
-    """Consumer and producer settings the service uses (``StreamService._connect``), for the bare loop."""
-    from stream_dec.settings import KafkaSettings
+def client_settings(bootstrap: str) -> tuple[dict, dict]:
+    """For the bare loop: the service's fetch sizes and its whole output producer configuration
+    (stream_dec/service/clients.py), at default settings."""
+    from stream_dec.service.clients import consumer_config, output_producer_config
+    from stream_dec.settings import load_settings
 
-    k = KafkaSettings()
-    consumer = {
-        "fetch_max_bytes": 64 * MB,
-        "max_partition_fetch_bytes": max(k.max_record_bytes * 2, 8 * MB),
-    }
-    producer = {
-        "acks": "all",
-        "linger_ms": 5,
-        "batch_size": 1 * MB,
-        "max_request_size": max(k.max_record_bytes * 2, 4 * MB),
-    }
-    return consumer, producer
+    settings = load_settings(kafka__bootstrap_servers=bootstrap)
+    service_consumer = consumer_config(settings)
+    consumer = {k: service_consumer[k] for k in ("fetch_max_bytes", "max_partition_fetch_bytes")}
+    return consumer, output_producer_config(settings)
 
 
 def produce_inputs(bootstrap: str, topic: str, X: np.ndarray, fmt: str) -> dict[str, Any]:
-    """Pre-produce one record per row (key = item id) with a tuned producer (linger 20 ms, batch 1 MB)."""
-    from kafka import KafkaProducer
-
+    """Pre-produce one record per row (key = item id) with the package's tuned producer (stream_dec/io/producer.py)."""
     from stream_dec.io.codecs import CONTENT_TYPE_FLOAT32, encode_float32, encode_json
+    from stream_dec.io.producer import make_producer
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=1 * MB, max_request_size=8 * MB, acks=1)
+    producer = make_producer(bootstrap, acks=1)
     headers = [("content-type", CONTENT_TYPE_FLOAT32.encode())]
     n_bytes = 0
     t = time.perf_counter()
@@ -253,9 +247,9 @@ def bare_loop(bootstrap: str, in_topic: str, out_topic: str, fmt: str, dim: int,
 
     from stream_dec.io.codecs import decode_record
 
-    ccfg, pcfg = client_settings()
+    ccfg, pcfg = client_settings(bootstrap)
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, max_poll_records=batch, **ccfg)
-    producer = KafkaProducer(bootstrap_servers=bootstrap, **pcfg)
+    producer = KafkaProducer(**pcfg)
     tp = TopicPartition(in_topic, 0)
     consumer.assign([tp])
     consumer.seek(tp, 0)
@@ -302,11 +296,16 @@ def bare_loop(bootstrap: str, in_topic: str, out_topic: str, fmt: str, dim: int,
 
 
 # ----------------------------------------------------------------------------- the service, instrumented
+#: Steps of a batch the loop is blocked in (BatchInfo.timings), besides decode/send/metrics ("rest").
+BLOCKING_STEPS = ("wait_update", "predict", "acks", "checkpoint", "journal", "commit")
+
+
 class PhaseClock:
-    """Wall time per named phase of the service loop, from instance-level wrappers (no package code changed)."""
+    """Wall time per phase of the service loop, from the service's hooks."""
 
     def __init__(self):
-        self.events: list[tuple[str, float, float]] = []
+        self.intervals: list[tuple[str, float, float]] = []  # (phase, start, end): polls, updates
+        self.steps: dict[str, float] = collections.defaultdict(float)  # seconds per batch step, summed
         self.t_first: float | None = None
         self.t_last_ack: float | None = None
         self.update_ms: list[float] = []
@@ -314,134 +313,94 @@ class PhaseClock:
         self.batch_sizes: list[int] = []
         self.e2e_s: list[float] = []
         self.labelled = 0
-        self.missing: list[str] = []
         self.cpu_first = self.cpu_last = 0.0
         self.fetch_max_wait_ms: int | None = None  # what the service's consumer was built with
 
-    def wrap(self, obj: Any, name: str, phase: str) -> None:
-        """Replace ``obj.name`` by a timed call recording ``phase``."""
-        fn = getattr(obj, name, None)
-        if fn is None:  # the service changed under the benchmark: time less, never fail
-            self.missing.append(name)
-            return
-        events = self.events
-
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                events.append((phase, t, time.perf_counter()))
-
-        setattr(obj, name, timed)
-
     def breakdown(self) -> dict[str, Any]:
-        """Seconds and share of the measured window per phase; nested phases are subtracted from _process."""
+        """Seconds and share of the measured window per phase.
+
+        Poll and update phases are intervals clipped to the window; batch steps are the
+        service's own per-batch timings (every batch lies inside the window). The update
+        runs on the learner thread: its share overlaps the others and is left out of
+        ``other``; ``wait_update`` is the time the loop was blocked on it.
+        """
         if self.t_first is None or self.t_last_ack is None:
             return {}
         lo, hi = self.t_first, self.t_last_ack
         window = hi - lo
         sums: dict[str, float] = collections.defaultdict(float)
-        for phase, a, b in self.events:
+        for phase, a, b in self.intervals:
             a, b = max(a, lo), min(b, hi)
             if b > a:
                 sums[phase] += b - a
-        inner = sum(v for k, v in sums.items() if k not in ("process", "poll_call", "poll_loop", "poll_empty"))
+        steps = self.steps
         out = {
             "window_s": window,
-            "poll_s": sums.get("poll_call", 0.0),  # includes kafka-python's record parsing (CRC, varints)
-            "poll_bookkeeping_s": max(0.0, sums.get("poll_loop", 0.0) - sums.get("poll_call", 0.0)),
-            "predict_s": sums.get("predict", 0.0),
-            "update_s": sums.get("update", 0.0),
-            "flush_s": sums.get("flush", 0.0),
-            "checkpoint_s": sums.get("checkpoint", 0.0),
-            "journal_s": sums.get("journal", 0.0),
-            "commit_s": sums.get("commit", 0.0),
-            # decode, validate, encode, send() per record, futures .get(), metrics, batch cut
-            "process_rest_s": max(0.0, sums.get("process", 0.0) - inner),
+            "poll_s": sums["poll_call"],  # includes kafka-python's record parsing (CRC, varints)
+            "poll_bookkeeping_s": max(0.0, sums["poll_loop"] - sums["poll_call"]),
+            **{f"{step}_s": steps[step] for step in BLOCKING_STEPS},
+            # decode, validate, encode, send() per record, metrics
+            "process_rest_s": max(0.0, steps["total"] - sum(steps[step] for step in BLOCKING_STEPS)),
         }
-        accounted = sum(v for k, v in out.items() if k != "window_s")
-        out["other_s"] = max(0.0, window - accounted)
+        out["other_s"] = max(0.0, window - sum(v for k, v in out.items() if k != "window_s"))
+        out["update_s"] = sums["update"]
         out["share"] = {k[:-2]: v / window for k, v in out.items() if k.endswith("_s") and k != "window_s"}
-        out["poll_empty_s"] = sums.get("poll_empty", 0.0)  # part of poll_s: polls that returned nothing (waiting for a fetch)
-        out["poll_calls"] = sum(1 for e in self.events if e[0] == "poll_call" and e[1] >= lo and e[2] <= hi)
+        out["poll_empty_s"] = sums["poll_empty"]  # part of poll_s: polls that returned nothing (waiting for a fetch)
+        out["poll_calls"] = sum(1 for e in self.intervals if e[0] == "poll_call" and e[1] >= lo and e[2] <= hi)
         return out
 
 
-def make_service(settings, n_expected: int, clock: PhaseClock, e2e: bool = False, prof: cProfile.Profile | None = None):
-    """A StreamService whose methods are wrapped by ``clock``; it stops itself after ``n_expected`` labels.
+def make_service(settings, n_expected: int, clock: PhaseClock, e2e: bool = False, prof: cProfile.Profile | None = None,
+                 on_assigned=None):
+    """A StreamService whose hooks feed ``clock``; it stops itself after ``n_expected`` records.
 
     ``prof`` (optional) is enabled at the first records and disabled after the last batch,
     so a profile covers the measured window only (not the group join or the shutdown).
+    ``on_assigned(partitions)``: called after each assignment.
     """
-    from stream_dec.service import StreamService
+    from stream_dec.service import ServiceHooks, StreamService
 
-    service = StreamService(settings)
-    orig_connect, orig_poll, orig_process = service._connect, service._poll, service._process
-    model = service.model
-
-    def connect():
-        orig_connect()
-        clock.fetch_max_wait_ms = service.consumer.config.get("fetch_max_wait_ms")
-        clock.wrap(service.producer, "flush", "flush")
-        consumer_poll = service.consumer.poll
-
-        def timed_poll(*args, **kwargs):
-            t = time.perf_counter()
-            out = consumer_poll(*args, **kwargs)
-            now = time.perf_counter()
-            clock.events.append(("poll_call", t, now))
-            if clock.t_first is not None and not any(out.values()):
-                clock.events.append(("poll_empty", t, now))
-            return out
-
-        service.consumer.poll = timed_poll
-
-    def poll():
-        t = time.perf_counter()
-        n = orig_poll()
+    def poll(n: int, seconds: float, consumer_seconds: float) -> None:
         now = time.perf_counter()
+        start = now - seconds
         if n and clock.t_first is None:
             clock.t_first = now
             clock.cpu_first = time.process_time()
             if prof is not None:
                 prof.enable()
         elif clock.t_first is not None:
-            clock.events.append(("poll_loop", t, now))
-        return n
+            clock.intervals.append(("poll_loop", start, now))
+            clock.intervals.append(("poll_call", start, start + consumer_seconds))
+            if not n:
+                clock.intervals.append(("poll_empty", start, start + consumer_seconds))
 
-    def process(batch):
-        t = time.perf_counter()
-        orig_process(batch)
+    def batch(info) -> None:
         now = time.perf_counter()
-        clock.events.append(("process", t, now))
-        clock.process_ms.append((now - t) * 1000)
-        clock.batch_sizes.append(len(batch))
+        for step, seconds in info.timings.items():
+            clock.steps[step] += seconds
+        clock.process_ms.append(info.timings["total"] * 1000)
+        clock.batch_sizes.append(len(info.records))
         clock.t_last_ack = now
         clock.cpu_last = time.process_time()
         if e2e:
             wall = time.time()
-            clock.e2e_s.extend(wall - r.timestamp / 1000.0 for r in batch)
-        clock.labelled += len(batch)
+            clock.e2e_s.extend(wall - r.timestamp / 1000.0 for r in info.records)
+        clock.labelled += len(info.records)
         if clock.labelled >= n_expected:
             if prof is not None:
                 prof.disable()
             service.stop()
 
-    orig_pf = model.partial_fit
-
-    def partial_fit(X, *a, **kw):
-        t = time.perf_counter()
-        report = orig_pf(X, *a, **kw)
-        clock.events.append(("update", t, time.perf_counter()))
+    def update(report, started: float, ended: float) -> None:
+        clock.intervals.append(("update", started, ended))
         clock.update_ms.append(float(report.update_ms))
-        return report
 
-    service._connect, service._poll, service._process = connect, poll, process
-    model.partial_fit = partial_fit
-    clock.wrap(model, "predict_with_confidence", "predict")
-    for name, phase in (("checkpoint", "checkpoint"), ("_journal", "journal"), ("_commit", "commit")):
-        clock.wrap(service, name, phase)
+    def assigned(partitions: list[int]) -> None:
+        clock.fetch_max_wait_ms = service.consumer.config.get("fetch_max_wait_ms")
+        if on_assigned is not None:
+            on_assigned(partitions)
+
+    service = StreamService(settings, hooks=ServiceHooks(on_poll=poll, on_batch=batch, on_update=update, on_assigned=assigned))
     return service
 
 
@@ -549,7 +508,6 @@ def service_cell(broker, in_topic: str, batch: int, n: int, base_dir: Path, work
             },
             "checkpoints": int(hist_summary(m.ckpt_seconds)["count"]),
             "model_version_end": int(service.model.version_),
-            "unwrapped": clock.missing,
         }
     )
     return result
@@ -558,28 +516,28 @@ def service_cell(broker, in_topic: str, batch: int, n: int, base_dir: Path, work
 @contextlib.contextmanager
 def consumer_override(**kwargs):
     """What-if, bench only: the service's KafkaConsumer is built with ``kwargs`` added (nothing in the package changes)."""
-    import stream_dec.service.app as app
+    import stream_dec.service.clients as clients
 
-    original = app.KafkaConsumer
+    original = clients.KafkaConsumer
 
     def factory(*args, **kw):
         kw.update(kwargs)
         return original(*args, **kw)
 
-    app.KafkaConsumer = factory
+    clients.KafkaConsumer = factory
     try:
         yield
     finally:
-        app.KafkaConsumer = original
+        clients.KafkaConsumer = original
 
 
 PACER = r"""
 import json, sys, time
 import numpy as np
-from kafka import KafkaProducer
+from stream_dec.io.producer import PACED_LINGER_MS, make_producer
 bootstrap, topic, rate, path = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 X = np.load(path)
-producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
+producer = make_producer(bootstrap, linger_ms=PACED_LINGER_MS, acks=1)
 headers = [("content-type", b"application/x-float32")]
 values = [np.ascontiguousarray(v, dtype="<f4").tobytes() for v in X]
 behind = 0.0
@@ -602,8 +560,8 @@ def latency_cell(broker, X: np.ndarray, rate: float, seconds: float, batch: int,
     """Paced run: a producer process sends ``rate`` float32 records/s while the service runs; produce-to-label latency.
 
     The producer starts once the service owns the input partition (the group join is not
-    measured). Latency per record = wall clock when its batch's ``_process`` returned
-    (outputs acknowledged, journal/commit done) - the record's producer timestamp.
+    measured). Latency per record = wall clock when its batch was done (the ``on_batch``
+    hook: outputs acknowledged, journal/commit done) - the record's producer timestamp.
     ``consumer_overrides`` (what-if) adds settings to the service's consumer, e.g. ``fetch_max_wait_ms``.
     """
     in_topic = f"in-lat-{tag}"
@@ -613,19 +571,16 @@ def latency_cell(broker, X: np.ndarray, rate: float, seconds: float, batch: int,
     np.save(data, X[np.arange(n) % len(X)])
     settings = service_settings(broker.bootstrap_servers, tag, in_topic, batch, fresh_ckpt(base_dir, work, tag))
     clock = PhaseClock()
-    service = make_service(settings, n, clock, e2e=True)
     pacer: dict[str, Any] = {}
-    orig_assigned = service._on_assigned
 
     def on_assigned(parts):
-        orig_assigned(parts)
         if parts and "proc" not in pacer:
             pacer["proc"] = subprocess.Popen(
                 [sys.executable, "-c", PACER, broker.bootstrap_servers, in_topic, str(rate), str(data)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
 
-    service._on_assigned = on_assigned
+    service = make_service(settings, n, clock, e2e=True, on_assigned=on_assigned)
     with consumer_override(**(consumer_overrides or {})):
         service.run(max_idle_s=30.0, install_signals=False)
     out, err = pacer["proc"].communicate(timeout=60) if "proc" in pacer else ("", "pacer never started")
@@ -657,9 +612,10 @@ def fetch_wait_probe(bootstrap: str, waits=(500, 100), n: int = 20) -> dict[str,
     (tansu here) adds up to ``fetch_max_wait_ms`` (kafka-python's default 500 ms) to a
     record's latency at low and moderate load. The service bounds it by the batch wait.
     """
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka import KafkaConsumer, TopicPartition
 
     from stream_dec.io.broker import create_topics
+    from stream_dec.io.producer import make_producer
 
     out = {}
     rng = np.random.default_rng(0)
@@ -670,7 +626,7 @@ def fetch_wait_probe(bootstrap: str, waits=(500, 100), n: int = 20) -> dict[str,
         tp = TopicPartition(topic, 0)
         consumer.assign([tp])
         consumer.seek(tp, 0)
-        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+        producer = make_producer(bootstrap, linger_ms=0)
         gaps = rng.uniform(0.05, 0.3, n)
 
         def send():
@@ -736,8 +692,8 @@ def per_record_costs(bootstrap: str, X: np.ndarray, base_dir: Path, n: int = 500
     out["histogram_observe_us"] = per(lambda: [h.observe(0.5) for _ in keys])
     topic = "probe-send-cost"
     create_topics(bootstrap, [topic])
-    _, pcfg = client_settings()
-    producer = KafkaProducer(bootstrap_servers=bootstrap, **pcfg)
+    _, pcfg = client_settings(bootstrap)
+    producer = KafkaProducer(**pcfg)
     small = orjson.dumps({"id": "item-0000000", "cluster": 3, "offset": 12345})
     big = encode_assignment("item-0000000", 3, 0.5, 7, "in-384-float32", 0, 12345)
     out["send_small_us"] = per(lambda: [producer.send(topic, key=k, value=small) for k in keys])
@@ -799,12 +755,12 @@ PY_SPY_CATEGORIES = (
     ("producer.flush", ("KafkaProducer.flush",)),
     ("future.get", ("FutureRecordMetadata.get", "Future.get")),
     ("prometheus metrics", ("prometheus_client/",)),
-    ("checkpoint", ("StreamService.checkpoint",)),
-    ("journal (fsync)", ("StreamService._journal",)),
-    ("commit", ("StreamService._commit",)),
-    ("lag gauge", ("StreamService._update_lag",)),
+    ("checkpoint", ("StreamService.checkpoint", "Checkpointer.take")),
+    ("journal (fsync)", ("Journal.append",)),
+    ("commit", ("AtLeastOnceOutputs.commit", "ExactlyOnceOutputs.batch_done")),
+    ("lag gauge", ("highwater_lag", "ServiceMetrics.record_lag")),
     ("np.stack", ("stack (numpy",)),
-    ("batch cut", ("StreamService._cut",)),
+    ("batch cut", ("Batcher.cut",)),
 )
 
 
@@ -882,7 +838,7 @@ def table(rows: list[dict]) -> str:
     lines.append("rec/s = best of the repeats; ratio = median of the paired (adjacent bare, service) ratios; pairs = each pair's ratio")
     lines.append("cpu b/s us = CPU microseconds per record of this process (all its threads, not the broker), bare/service; cpu r = their ratio (median runs), a noise-robust companion of ratio")
     lines.append("oth = average CPU cores used by other processes (not this benchmark, not its broker) during the cell: a noise gauge on this 2-core machine")
-    lines.append("upd = partial_fit update_ms per batch (on the learner thread, overlapping the loop: its phase share overlaps the others); blk = poll loop blocked per batch (_process, ms): decode+wait for the previous update+predict+send+flush/acks+journal/checkpoint snapshot+commit")
+    lines.append("upd = partial_fit update_ms per batch (on the learner thread, overlapping the loop: its phase share overlaps the others); blk = poll loop blocked per batch (ms): decode+wait for the previous update+predict+send+flush/acks+journal/checkpoint snapshot+commit")
     return "\n".join(lines)
 
 
@@ -1092,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
                 if dim == 384 and "float32" in args.formats:
                     in_topic = "in-384-float32"
                     if args.variants and 1024 in args.batches:
-                        # The trade-off the issue asks to show: no learning steps (assign + novelty tracking only).
+                        # The throughput cost of learning: no learning steps (assign + novelty tracking only).
                         # And torch limited to one thread (model.threads=1) instead of one per core.
                         payload["variants"] = []
                         for vtag, kw in (("var-steps0", {"extra": {"update__max_steps": 0}}), ("var-threads1", {"extra": {"model__threads": 1}})):
