@@ -153,3 +153,39 @@ def test_published_labels_equal_offline_streamdec_on_the_same_batches(broker, bl
             cluster, confidence, model_version = published[start + j]
             assert (cluster, model_version) == (int(ids[j]), version)
             assert confidence == pytest.approx(float(conf[j]), abs=1e-6)
+
+
+def test_hooks_see_every_poll_batch_update_and_checkpoint(broker, blobs, tmp_path):
+    import threading
+
+    from stream_dec.service import ServiceHooks
+    from stream_dec.service.journal import JOURNAL
+
+    tag = "hooks"
+    ckpt = setup_stream(broker, blobs, tmp_path, tag)
+    send_items(broker, f"in-{tag}", [(f"h-{i}", blobs["X"][i]) for i in range(150)])
+    seen: dict[str, list] = {"poll": [], "batch": [], "update": [], "checkpoint": [], "assigned": []}
+    hooks = ServiceHooks(
+        on_poll=lambda n, seconds, consumer_seconds: seen["poll"].append(n),
+        on_batch=lambda info: seen["batch"].append(info),
+        on_update=lambda report, started, ended: seen["update"].append((report.model_version, report.n_items, ended >= started)),
+        on_checkpoint=lambda version, seconds: seen["checkpoint"].append((version, threading.current_thread().name)),
+        on_assigned=lambda partitions: seen["assigned"].append(partitions),
+    )
+    # A long wait: batches are cut by size only, so their sizes are known.
+    service = StreamService(service_settings(broker, ckpt, tag, batch__max_wait_ms=3000), hooks=hooks)
+    service.run(max_idle_s=1.0, install_signals=False)
+
+    assert seen["assigned"] == [[0]] and sum(seen["poll"]) == 150
+    batches = seen["batch"]
+    assert [len(b.records) for b in batches] == [64, 64, 22]
+    assert all(b.labelled == len(b.records) and not b.relearnt and b.dead_lettered == 0 for b in batches)
+    steps = {"decode", "wait_update", "journal", "predict", "send", "acks", "checkpoint", "commit", "total"}
+    assert all(set(b.timings) == steps and b.timings["total"] >= b.timings["acks"] >= 0 for b in batches)
+    # One update per batch, in order, each by the next model version.
+    assert [n for _, n, _ in seen["update"]] == [len(b.records) for b in batches]
+    assert [v for v, _, _ in seen["update"]] == list(range(1, len(batches) + 1)) and all(ok for _, _, ok in seen["update"])
+    # Every second batch and at shutdown, written on the checkpoint thread; the journal then holds nothing.
+    assert [v for v, _ in seen["checkpoint"]][-1] == service.model.version_ == len(batches)
+    assert {name for _, name in seen["checkpoint"]} == {"stream-dec-checkpoint_0"}
+    assert (ckpt / JOURNAL).read_text() == ""
