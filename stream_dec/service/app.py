@@ -1,19 +1,22 @@
 """The Kafka service: poll, cut, label, learn, publish, commit, checkpoint.
 
 :class:`StreamService` is the loop; the work happens in the rooms of stream_dec/service/.
-The path of one batch::
+The path of one batch, in order::
 
-    consumer.poll ──> Batcher ──cut──> Batch ──> decode ──(bad records)──> outputs.send(DLQ)
-    (clients.py)     (batcher.py: size or wait;     │
-                      journaled ends on replay)     ├─> Journal.append(end)             journal.py
-                                                    ├─> Learner.settle()                learner.py
-                                                    │     the previous update; its drift record is sent
-                                                    ├─> model.predict ─> outputs.send_many(assignments)
-                                                    ├─> Learner.start(partial_fit)      overlaps acks and the next poll
-                                                    ├─> outputs.close_batch, await_acks, batch_done
-                                                    │     outputs.py: flush + async commit, or one transaction
-                                                    └─> every N batches: Checkpointer.take   checkpointer.py
-                                                          written on its thread, then Journal.prune
+    consumer.poll                  clients.py       records of the assigned partitions
+     └> Batcher.add, cut           batcher.py       by size or wait; at journaled ends when replaying
+         └> decode_batch                            unusable records become dead letters
+             ├> outputs.open_batch outputs.py       exactly-once: the batch's transaction begins
+             ├> Learner.settle     learner.py       the previous update ends; its drift record is sent
+             ├> Journal.append     journal.py       the batch's end, before any of its outputs leaves
+             ├> outputs.send                        dead letters
+             ├> model.predict, outputs.send_many    assignments, by the model after the previous batch
+             ├> Learner.start                       partial_fit, overlapping the acks and the next poll
+             ├> outputs.close_batch, await_acks     at-least-once: flush and acks; exactly-once: the
+             │                                      drift record and offsets join, the transaction commits
+             ├> Checkpointer.take  checkpointer.py  every N batches: snapshot here, written on its
+             │                                      thread, then Journal.prune
+             └> outputs.batch_done                  at-least-once: asynchronous offset commit
 
 Invariants (the rooms' docstrings hold their own):
 
