@@ -73,6 +73,14 @@ class KafkaSettings(_Group):
     max_poll_interval_ms: int = Field(300_000, ge=1_000, description="longest gap between polls before eviction")
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field("at_least_once", description="delivery guarantee")
     max_record_bytes: int = Field(1_048_576, gt=0, description="input records larger than this go to the DLQ")
+    # The key and the item id are bounded apart from the value: each assignment carries the
+    # id twice into downstream stores (stream_dec/io/codecs.py says why these defaults).
+    max_key_bytes: int = Field(4_096, gt=0, description="input records with a longer key go to the DLQ (key_too_large)")
+    max_id_bytes: int = Field(2_048, gt=0, description="input records with a longer item id (UTF-8) go to the DLQ (id_too_large)")
+    # With the defaults a dead letter fits Kafka's default max.message.bytes, so a DLQ
+    # topic created with default settings takes every one (codecs.dead_letter_max_bytes).
+    dlq_max_value_bytes: int = Field(983_040, ge=256, description="a longer value is replaced by a JSON stub in its dead letter")
+    dlq_max_header_bytes: int = Field(16_384, ge=0, description="original headers a dead letter copies at most (the rest are counted)")
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -144,6 +152,11 @@ class BatchSettings(_Group):
     # (bench/run_service.py measures the trade-off).
     max_size: int = Field(4096, gt=0, le=1_000_000, description="records per micro-batch at most")
     max_wait_ms: int = Field(500, ge=0, description="longest wait for a batch to fill, from its first record")
+    # Counted in keys, values and headers as fetched: a few records of very large values
+    # must not hold more memory than this. The consumer fetches at most this much per poll
+    # (plus one record larger than it, returned alone), and a batch always takes at least
+    # one record.
+    max_bytes: int = Field(64 * 1_048_576, ge=1_024, description="bytes of records per micro-batch at most")
 
 
 class UpdateSettings(_Group):
@@ -175,6 +188,13 @@ class MetricsSettings(_Group):
     # Loopback by default: /metrics and /healthz need no authentication, so they are not
     # offered to the network unless asked for (containers set 0.0.0.0, see docker-compose.yml).
     host: str = Field("127.0.0.1", min_length=1, description="address the metrics server binds")
+
+
+class ProgressSettings(_Group):
+    """The progress line the service logs as it works, and its summary at shutdown."""
+
+    every_batches: int = Field(100, ge=0, description="log a progress line every N micro-batches (0: not by count)")
+    every_s: float = Field(60.0, ge=0, description="... or once this many seconds passed since the last line (0: not by time)")
 
 
 class ModelSettings(_Group):
@@ -214,6 +234,7 @@ class Settings(BaseSettings):
     update: UpdateSettings = Field(default_factory=UpdateSettings)
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    progress: ProgressSettings = Field(default_factory=ProgressSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 

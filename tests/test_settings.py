@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_dec.settings import Settings, SettingsError, env_name, known_env_names, load_settings
+from stream_dec.settings import KafkaSettings, Settings, SettingsError, env_name, known_env_names, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +32,19 @@ def test_defaults():
     assert (s.metrics.port, s.model.device, s.log_level) == (9400, "auto", "INFO")
     assert s.metrics.host == "127.0.0.1"  # the unauthenticated endpoint stays off the network unless asked
     assert s.update.max_steps >= 0 and s.update.max_ms > 0
+    assert s.batch.max_bytes == 64 * 1_048_576 and (s.progress.every_batches, s.progress.every_s) == (100, 60.0)
+
+
+def test_record_and_dead_letter_bounds_default_to_the_codecs_own():
+    """The settings repeat the codec defaults (settings.py imports no numpy): they must agree,
+    and with them a dead letter fits Kafka's default max.message.bytes."""
+    from stream_dec.io import codecs
+
+    k = load_settings().kafka
+    assert (k.max_record_bytes, k.max_key_bytes, k.max_id_bytes) == (codecs.DEFAULT_MAX_BYTES, codecs.DEFAULT_MAX_KEY_BYTES, codecs.DEFAULT_MAX_ID_BYTES)
+    assert (k.dlq_max_value_bytes, k.dlq_max_header_bytes) == (codecs.DEFAULT_DLQ_MAX_VALUE_BYTES, codecs.DEFAULT_DLQ_MAX_HEADER_BYTES)
+    assert KafkaSettings.model_fields["dlq_max_value_bytes"].metadata[0].ge == codecs.MIN_DLQ_VALUE_BYTES
+    assert codecs.dead_letter_max_bytes(k.max_key_bytes, k.dlq_max_value_bytes, k.dlq_max_header_bytes) <= 1_048_588
 
 
 # Every variable of the settings table in docs/contracts.md, each set to a non-default value.
@@ -47,8 +60,15 @@ ENV_CASES = [
     ("STREAM_DEC_KAFKA__MAX_POLL_INTERVAL_MS", "60000", ("kafka", "max_poll_interval_ms"), 60000),
     ("STREAM_DEC_KAFKA__PROCESSING_GUARANTEE", "Exactly-Once", ("kafka", "processing_guarantee"), "exactly_once"),
     ("STREAM_DEC_KAFKA__MAX_RECORD_BYTES", "65536", ("kafka", "max_record_bytes"), 65536),
+    ("STREAM_DEC_KAFKA__MAX_KEY_BYTES", "512", ("kafka", "max_key_bytes"), 512),
+    ("STREAM_DEC_KAFKA__MAX_ID_BYTES", "256", ("kafka", "max_id_bytes"), 256),
+    ("STREAM_DEC_KAFKA__DLQ_MAX_VALUE_BYTES", "256", ("kafka", "dlq_max_value_bytes"), 256),
+    ("STREAM_DEC_KAFKA__DLQ_MAX_HEADER_BYTES", "0", ("kafka", "dlq_max_header_bytes"), 0),
     ("STREAM_DEC_BATCH__MAX_SIZE", "256", ("batch", "max_size"), 256),
     ("STREAM_DEC_BATCH__MAX_WAIT_MS", "50", ("batch", "max_wait_ms"), 50),
+    ("STREAM_DEC_BATCH__MAX_BYTES", "1048576", ("batch", "max_bytes"), 1_048_576),
+    ("STREAM_DEC_PROGRESS__EVERY_BATCHES", "0", ("progress", "every_batches"), 0),
+    ("STREAM_DEC_PROGRESS__EVERY_S", "2.5", ("progress", "every_s"), 2.5),
     ("STREAM_DEC_UPDATE__MAX_STEPS", "0", ("update", "max_steps"), 0),
     ("STREAM_DEC_UPDATE__MAX_MS", "12.5", ("update", "max_ms"), 12.5),
     ("STREAM_DEC_CHECKPOINT__DIR", "/var/lib/sdec", ("checkpoint", "dir"), Path("/var/lib/sdec")),
@@ -136,6 +156,14 @@ INVALID = [
     ("STREAM_DEC_KAFKA__HEARTBEAT_INTERVAL_MS", "10000", "less than STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS"),
     ("STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS", "10", "greater than or equal to 1000"),
     ("STREAM_DEC_KAFKA__MAX_RECORD_BYTES", "0", "greater than 0"),
+    ("STREAM_DEC_KAFKA__MAX_KEY_BYTES", "0", "greater than 0"),
+    ("STREAM_DEC_KAFKA__MAX_ID_BYTES", "-5", "greater than 0"),
+    ("STREAM_DEC_KAFKA__DLQ_MAX_VALUE_BYTES", "255", "greater than or equal to 256"),
+    ("STREAM_DEC_KAFKA__DLQ_MAX_HEADER_BYTES", "-1", "greater than or equal to 0"),
+    ("STREAM_DEC_KAFKA__DLQ_MAX_HEADER_BYTES", "16k", "valid integer"),
+    ("STREAM_DEC_BATCH__MAX_BYTES", "1023", "greater than or equal to 1024"),
+    ("STREAM_DEC_PROGRESS__EVERY_BATCHES", "-1", "greater than or equal to 0"),
+    ("STREAM_DEC_PROGRESS__EVERY_S", "soon", "valid number"),
     ("STREAM_DEC_KAFKA__PROCESSING_GUARANTEE", "best_effort", "'at_least_once' or 'exactly_once'"),
     ("STREAM_DEC_MODEL__DEVICE", "tpu", '"auto", "cpu"'),
     ("STREAM_DEC_MODEL__THREADS", "-1", "greater than or equal to 0"),
