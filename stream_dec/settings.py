@@ -81,6 +81,14 @@ class KafkaSettings(_Group):
     # topic created with default settings takes every one (codecs.dead_letter_max_bytes).
     dlq_max_value_bytes: int = Field(983_040, ge=256, description="a longer value is replaced by a JSON stub in its dead letter")
     dlq_max_header_bytes: int = Field(16_384, ge=0, description="original headers a dead letter copies at most (the rest are counted)")
+    # An outage shorter than max_outage_s is ridden out: the batch waits, its outputs are
+    # retried and nothing is committed past them. It must end well before the group evicts
+    # the loop (max_poll_interval_ms), which cannot poll while it retries a batch.
+    max_outage_s: float = Field(120.0, ge=0, description="longest broker or output-topic outage ridden out before exiting with status 3")
+    retry_backoff_ms: int = Field(500, gt=0, description="first wait before retrying an unreachable broker; doubles at each try")
+    retry_backoff_max_ms: int = Field(10_000, gt=0, description="longest wait between two retries")
+    offset_reset_policy: Literal["earliest", "fail"] = Field(
+        "earliest", description="checkpoint offsets outside the partition's log: resume at the log's start, or exit with status 4")
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -130,6 +138,22 @@ class KafkaSettings(_Group):
         session = info.data.get("session_timeout_ms")
         if session is not None and value >= session:
             raise ValueError(f"must be less than {env_name('kafka', 'session_timeout_ms')} ({session}); about a third of it is usual")
+        return value
+
+    @field_validator("max_outage_s")
+    @classmethod
+    def _outage(cls, value: float, info) -> float:
+        poll_ms = info.data.get("max_poll_interval_ms")
+        if poll_ms is not None and value * 1000 >= poll_ms:
+            raise ValueError(f"must be less than {env_name('kafka', 'max_poll_interval_ms')} ({poll_ms} ms): the group would evict the service while it waits")
+        return value
+
+    @field_validator("retry_backoff_max_ms")
+    @classmethod
+    def _backoff(cls, value: int, info) -> int:
+        first = info.data.get("retry_backoff_ms")
+        if first is not None and value < first:
+            raise ValueError(f"must be at least {env_name('kafka', 'retry_backoff_ms')} ({first})")
         return value
 
     @field_validator("processing_guarantee", mode="before")
