@@ -4,12 +4,16 @@ Records re-read after a crash are cut at the journaled ends, so the (determinist
 model sees the same batches and publishes the same labels: duplicates are exact copies.
 One JSON object per line, in processing order::
 
-    {"base": 12, "labelled_by": 14, "end": {"0": 5120, "3": 4096}}
+    {"base": 12, "labelled_by": 14, "end": {"0": 5120, "3": 4096}, "epoch": 3}
+    {"base": 12, "labelled_by": 14, "end": {"0": 5120, "3": 4096}, "epoch": 3, "plan": {"steps": 2, ...}}
 
 ``base`` is the version of the checkpoint the line follows, ``labelled_by`` the model
 version that labelled the batch, ``end`` the next offset of every input partition the
-batch read from. Any further keys are kept as written (:attr:`JournalLine.fields`), so
-new per-line facts (an owner epoch, the update's plan) need no change here.
+batch read from, ``epoch`` the owner epoch of the writer (stream_dec/service/fencing.py).
+Once the batch's update is done, a second line with the same ``end`` carries its
+``plan`` (:class:`stream_dec.UpdatePlan`, what of the update ran before its time
+budget cut it); reading merges it into the batch's line, so a replay redoes exactly
+that update. Any further keys are kept as written (:attr:`JournalLine.fields`).
 
 Invariants:
 
@@ -18,7 +22,11 @@ Invariants:
   machine crash can lose unsynced ones, and a torn last line is skipped when read.
 * The lines whose ``base`` is a checkpoint's version describe, in order, the batches
   that followed that checkpoint. New lines take :attr:`Journal.base`, the newest
-  checkpoint known to be on disk (not one still being written).
+  checkpoint known to be on disk (not one still being written). Lines of an older base
+  that a newer checkpoint does not cover (its write landed, the prune did not) describe
+  the batches after it too.
+* Epochs never decrease along the file: a line with a lower epoch than one before it
+  was written by a fenced owner after the newer one took over, and is ignored.
 * :meth:`Journal.prune` runs once a checkpoint is on disk: it keeps exactly the lines of
   the current base whose batches the checkpoint does not cover, re-based on the new
   checkpoint, and replaces the file durably (temp file, fsync, rename, fsync of the
@@ -84,6 +92,19 @@ class JournalLine:
         """Whether a model at these next offsets has already learnt this batch."""
         return all(offsets.get(p, 0) >= o for p, o in self.end.items())
 
+    def continues(self, version: int, offsets: dict[int, int]) -> bool:
+        """Whether this line, of an older base, describes a batch after checkpoint ``version`` (at ``offsets``).
+
+        So it is when that checkpoint's write landed and the prune after it did not:
+        the line follows an older checkpoint, was labelled by ``version`` or later, and
+        the checkpoint has not learnt its batch.
+
+        >>> line = JournalLine(base=3, labelled_by=5, end={0: 30})
+        >>> line.continues(5, {0: 20}), line.continues(5, {0: 30}), line.continues(6, {0: 20})
+        (True, False, False)
+        """
+        return self.base < version <= self.labelled_by and not self.covered_by(offsets)
+
     def rebased(self, base: int) -> JournalLine:
         """The same line, following checkpoint ``base``."""
         return JournalLine(base, self.labelled_by, self.end, self.fields)
@@ -139,13 +160,14 @@ class Journal:
         with self._lock:
             return self._read()
 
-    def following(self, version: int) -> list[JournalLine]:
-        """The lines describing the batches after checkpoint ``version``, in order.
+    def following(self, version: int, offsets: dict[int, int] | None = None) -> list[JournalLine]:
+        """The lines describing the batches after checkpoint ``version`` (holding ``offsets``), in order.
 
-        After a fall-back past a corrupt checkpoint the lines in the file follow another
+        Lines of ``version``, and lines of an older base that ``offsets`` do not cover.
+        After a fall-back past a corrupt checkpoint the lines in the file follow a newer
         version and none are returned: the batches are then cut by size.
         """
-        return [line for line in self.lines() if line.base == version]
+        return [line for line in self.lines() if line.base == version or (offsets is not None and line.continues(version, offsets))]
 
     def prune(self, version: int, offsets: dict[int, int]) -> int:
         """Checkpoint ``version`` (holding ``offsets``) is on disk: keep only what follows it.
@@ -155,7 +177,8 @@ class Journal:
         here on. Returns the number of lines kept.
         """
         with self._lock:
-            keep = [line.rebased(version) for line in self._read() if line.base == self.base and not line.covered_by(offsets)]
+            keep = [line.rebased(version) for line in self._read()
+                    if (line.base == self.base or line.continues(self.base, offsets)) and not line.covered_by(offsets)]
             _replace_durably(self.path, "".join(line.to_json() + "\n" for line in keep))
             self.base = int(version)
             return len(keep)
@@ -164,7 +187,36 @@ class Journal:
         if not self.path.exists():
             return []
         parsed = (JournalLine.from_json(text) for text in self.path.read_text(encoding="utf-8").splitlines())
-        return [line for line in parsed if line is not None]
+        return merge_lines(line for line in parsed if line is not None)
+
+
+def merge_lines(lines) -> list[JournalLine]:
+    """Batch lines in file order: plan lines merged into their batch's line, fenced writers' lines dropped.
+
+    >>> a = JournalLine(0, 1, {0: 10}, {"epoch": 1})
+    >>> plan = JournalLine(0, 1, {0: 10}, {"epoch": 1, "plan": {"steps": 2}})
+    >>> stray = JournalLine(0, 1, {0: 30}, {"epoch": 1})
+    >>> b = JournalLine(0, 2, {0: 20}, {"epoch": 2})
+    >>> [(line.end, line.fields) for line in merge_lines([a, plan, b, stray])]
+    [({0: 10}, {'epoch': 1, 'plan': {'steps': 2}}), ({0: 20}, {'epoch': 2})]
+    """
+    out: list[JournalLine] = []
+    at: dict[tuple, int] = {}  # (base, end) -> index in out
+    newest_epoch = 0
+    for line in lines:
+        epoch = line.fields.get("epoch")
+        if isinstance(epoch, int):
+            if epoch < newest_epoch:
+                continue  # written by an owner fenced before it noticed
+            newest_epoch = epoch
+        key = (line.base, tuple(sorted(line.end.items())))
+        if "plan" in line.fields and key in at:
+            i = at[key]
+            out[i] = JournalLine(out[i].base, out[i].labelled_by, out[i].end, {**out[i].fields, "plan": line.fields["plan"]})
+            continue
+        at[key] = len(out)
+        out.append(line)
+    return out
 
 
 def _replace_durably(path: Path, text: str) -> None:
