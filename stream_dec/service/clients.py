@@ -10,8 +10,13 @@ Invariants:
   seeks to its checkpoint's offsets anyway, never to the end.
 * Every input partition goes to one member of the group (:class:`AllToOneAssignor`):
   one model per stream; the other members stand by.
-* Rebalance callbacks run on the client's IO thread (kafka-python 3): the listener only
-  forwards them; the service serialises them with batch processing.
+* Rebalance callbacks run on the client's IO thread (kafka-python 3), which also sends
+  the heartbeats: the listener only forwards them, and the service only records them
+  there; the loop's thread does the work.
+* Partitions *lost* (the session expired, the group moved on) are told apart from
+  partitions *revoked* (a rebalance this member takes part in): kafka-python's default
+  ``on_partitions_lost`` calls ``on_partitions_revoked``, which would let a member that
+  was away for its whole session flush and commit as if it still owned them.
 """
 
 from __future__ import annotations
@@ -70,18 +75,52 @@ class AllToOneAssignor(AbstractPartitionAssignor):
 
 
 class RebalanceListener(ConsumerRebalanceListener):
-    """Forwards the group's partition changes (as lists) to two callables."""
+    """Forwards the group's partition changes (as lists) to three callables; they must return at once.
 
-    def __init__(self, on_assigned: Callable[[list[TopicPartition]], None], on_revoked: Callable[[list[TopicPartition]], None]):
-        self._assigned, self._revoked = on_assigned, on_revoked
+    Without ``on_lost``, lost partitions go to ``on_revoked`` (kafka-python's default).
+    """
+
+    def __init__(self, on_assigned: Callable[[list[TopicPartition]], None], on_revoked: Callable[[list[TopicPartition]], None],
+                 on_lost: Callable[[list[TopicPartition]], None] | None = None):
+        self._assigned, self._revoked, self._lost = on_assigned, on_revoked, on_lost or on_revoked
 
     def on_partitions_revoked(self, revoked):
-        """Partitions leave this member (runs on the client's IO thread)."""
+        """Partitions leave this member in a rebalance it takes part in (client's IO thread)."""
         self._revoked(list(revoked))
 
     def on_partitions_assigned(self, assigned):
-        """Partitions come to this member (runs on the client's IO thread)."""
+        """Partitions come to this member (client's IO thread)."""
         self._assigned(list(assigned))
+
+    def on_partitions_lost(self, lost):
+        """The group took the partitions away without this member (its session expired); client's IO thread."""
+        self._lost(list(lost))
+
+
+def session_expired(consumer: KafkaConsumer) -> bool:
+    """Whether this member has had no successful heartbeat for a whole session timeout.
+
+    The coordinator has then evicted it, or is about to: the partitions count as lost
+    even before the client notices. kafka-python keeps the heartbeat times on its
+    coordinator (``heartbeat.session_timeout_expired``: the last heartbeat response,
+    or the last (re)join, older than ``session_timeout_ms``); there is no public API.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    heartbeat = getattr(coordinator, "heartbeat", None)
+    return bool(heartbeat is not None and heartbeat.session_timeout_expired())
+
+
+def group_generation(consumer: KafkaConsumer) -> tuple[int, str]:
+    """(generation id, member id) of this member's current group membership."""
+    meta = consumer.group_metadata()
+    return int(meta.generation_id), str(meta.member_id)
+
+
+def request_rejoin(consumer: KafkaConsumer) -> None:
+    """Ask the coordinator to rejoin the group at the next poll (a member that fenced itself gets a fresh assignment)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is not None:
+        coordinator.request_rejoin()
 
 
 def consumer_config(settings) -> dict[str, Any]:
