@@ -8,6 +8,9 @@ Invariants:
   before a checkpoint and on an assignment, so every batch is labelled by the model that
   learnt from all batches before it, exactly as offline: the labels do not depend on
   timing.
+* An update given a ``plan`` (a replayed batch's journaled :class:`stream_dec.UpdatePlan`)
+  redoes exactly that update, whatever the clock; the service journals the plan of every
+  other update once it is done (``report.plan``).
 """
 
 from __future__ import annotations
@@ -20,18 +23,24 @@ from typing import Any
 
 @dataclass
 class Update:
-    """A finished update: its report, its batch's offset range per partition, when it ran."""
+    """A finished update: its report, its batch's offset range per partition, when it ran.
+
+    ``batch``: what the caller passed to identify the batch (the service: its journal
+    line's end and labelling version); ``replayed``: it ran a journaled plan.
+    """
 
     report: Any
     ranges: dict[int, tuple[int, int]]
     started: float
     ended: float
+    batch: Any = None
+    replayed: bool = False
 
 
-def _learn(model, X, ranges) -> Update:
+def _learn(model, X, ranges, plan=None, batch=None) -> Update:
     t0 = time.perf_counter()
-    report = model.partial_fit(X)
-    return Update(report, ranges, t0, time.perf_counter())
+    report = model.partial_fit(X) if plan is None else model.partial_fit(X, plan=plan)
+    return Update(report, ranges, t0, time.perf_counter(), batch, plan is not None)
 
 
 class Learner:
@@ -41,11 +50,11 @@ class Learner:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-dec-learn")
         self._running: Future | None = None
 
-    def start(self, model, X, ranges: dict[int, tuple[int, int]]) -> None:
-        """Start learning batch ``X``; ``ranges``: its (first, last) offset per partition."""
+    def start(self, model, X, ranges: dict[int, tuple[int, int]], *, plan=None, batch: Any = None) -> None:
+        """Start learning batch ``X``; ``ranges``: its (first, last) offset per partition; ``plan``: redo this update."""
         if self._running is not None:
             raise RuntimeError("the previous update was not collected (settle) before the next one")
-        self._running = self._pool.submit(_learn, model, X, ranges)
+        self._running = self._pool.submit(_learn, model, X, ranges, plan, batch)
 
     def done(self) -> bool:
         """Whether an update has finished and waits to be collected."""
@@ -59,9 +68,9 @@ class Learner:
         return running.result()
 
     @staticmethod
-    def learn_now(model, X, ranges: dict[int, tuple[int, int]] | None = None) -> Update:
-        """Learn ``X`` on the caller's thread."""
-        return _learn(model, X, ranges or {})
+    def learn_now(model, X, ranges: dict[int, tuple[int, int]] | None = None, *, plan=None, batch: Any = None) -> Update:
+        """Learn ``X`` on the caller's thread (``plan``: redo this update)."""
+        return _learn(model, X, ranges or {}, plan, batch)
 
     def close(self) -> None:
         """Let the running update finish and stop the thread."""
