@@ -172,3 +172,41 @@ def run_gradual_drift(
         "n_ref": int(len(split.ref)),
         "n_stream": int(len(split.stream)),
     }
+
+
+def _lineage(node: Any, parent_ids: dict[Any, Any]) -> list[Any]:
+    """``[node, its parent, ..., its root]`` under ``parent_ids`` (ids absent from it are roots)."""
+    chain = [node]
+    while parent_ids.get(chain[-1]) is not None:
+        chain.append(parent_ids[chain[-1]])
+    return chain
+
+
+def hierarchical_churn(ids_before: np.ndarray, ids_after: np.ndarray, parent_ids: dict[Any, Any]) -> dict[str, float]:
+    """Churn of an id hierarchy (docs/quality-protocol.md): refinement into a descendant is not churn.
+
+    ``moved``: share of items whose id changed to anything but a descendant of the old id;
+    ``root``: share whose root id changed; ``churn`` is the larger of the two;
+    ``refined``: share whose id moved to a strict descendant of the old id.
+    With no parents this is plain raw-id churn.
+
+    >>> parents = {0: None, 1: None, 2: 0, 3: 2}
+    >>> r = hierarchical_churn(np.array([0, 0, 0, 1, 2, 2]), np.array([0, 2, 3, 1, 0, 1]), parents)
+    >>> r["moved"], r["root"], r["churn"], r["refined"]
+    (0.3333333333333333, 0.16666666666666666, 0.3333333333333333, 0.3333333333333333)
+    """
+    before, after = np.asarray(ids_before), np.asarray(ids_after)
+    if len(before) == 0:
+        return {"churn": 0.0, "moved": 0.0, "root": 0.0, "refined": 0.0}
+    pairs, inverse = np.unique(np.stack([before, after]), axis=1, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    moved, root, refined = np.zeros(pairs.shape[1], bool), np.zeros(pairs.shape[1], bool), np.zeros(pairs.shape[1], bool)
+    for j, (old, new) in enumerate(pairs.T.tolist()):
+        if old == new:
+            continue
+        up = _lineage(new, parent_ids)
+        refined[j] = old in up
+        moved[j] = not refined[j]
+        root[j] = up[-1] != _lineage(old, parent_ids)[-1]
+    out = {k: float(np.mean(v[inverse])) for k, v in (("moved", moved), ("root", root), ("refined", refined))}
+    return {"churn": max(out["moved"], out["root"]), **out}
