@@ -27,6 +27,10 @@ An accepted child is frozen: its centre and its parent's "rest" centre at birth;
 item of the parent moves to the child when ``|x - child|^2 * gate < |x - rest|^2``,
 children tried in birth order so a new child never takes an older sibling's items.
 
+Adoption (``adopt``): a new StreamDEC id whose items, before the update that made it,
+were more than half in one older id becomes that id's child, so the moves into it are
+refinement. ``SD_CONFIGS`` also records StreamDEC with loosened spawn budgets.
+
 Example::
 
     nice -n 19 python bench/hierarchy_probe.py --sets stackoverflow-c8 --seeds 0 1 2
