@@ -39,7 +39,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import sys
 import time
