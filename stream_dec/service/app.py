@@ -4,25 +4,29 @@
 The path of one batch, in order::
 
     consumer.poll                  clients.py       records of the assigned partitions
-     └> Batcher.add, cut           batcher.py       by size or wait; at journaled ends when replaying
+     └> Batcher.add, cut           batcher.py       by count, bytes or wait; at journaled ends when replaying
          └> decode_batch                            unusable records become dead letters
              ├> outputs.open_batch outputs.py       exactly-once: the batch's transaction begins
              ├> Learner.settle     learner.py       the previous update ends; its drift record is sent
              ├> Journal.append     journal.py       the batch's end, before any of its outputs leaves
-             ├> outputs.send                        dead letters
+             ├> DeadLetters.send   deadletters.py   dead letters, on their own producer
              ├> model.predict, outputs.send_many    assignments, by the model after the previous batch
              ├> Learner.start                       partial_fit, overlapping the acks and the next poll
+             ├> DeadLetters.await_acks              each delivered, or logged, counted and skipped
              ├> outputs.close_batch, await_acks     at-least-once: flush and acks; exactly-once: the
              │                                      drift record and offsets join, the transaction commits
              ├> Checkpointer.take  checkpointer.py  every N batches: snapshot here, written on its
              │                                      thread, then Journal.prune
              └> outputs.batch_done                  at-least-once: asynchronous offset commit
+    Progress.due, line             progress.py      every N batches or S seconds; a summary at the end
 
 Invariants (the rooms' docstrings hold their own):
 
 * At-least-once by default: a batch's offsets are committed only after its outputs
   (assignments, drift record, dead letters) are acknowledged. Exactly-once puts them in
-  one transaction per batch.
+  one transaction per batch, all but the dead letters (deadletters.py says why).
+* Any record yields an assignment or a dead letter; a dead letter that cannot be
+  delivered is logged, counted and skipped, and never stops the loop or the offsets.
 * The model and its input offsets travel together in each checkpoint; on every partition
   assignment the service seeks to the checkpoint's offsets, so the model never learns a
   record twice or misses one. Batch ends are journaled before outputs leave, so records
@@ -47,7 +51,7 @@ from typing import Any
 
 from kafka import TopicPartition
 
-from stream_dec.io.codecs import decode_batch, dlq_headers_for, encode_assignments, encode_drift
+from stream_dec.io.codecs import decode_batch, encode_assignments, encode_drift
 from stream_dec.io.partitioner import default_partitions
 from stream_dec.service.batcher import Batch, Batcher
 from stream_dec.service.checkpointer import (
@@ -65,11 +69,13 @@ from stream_dec.service.clients import (
     make_output_producer,
     transactional_id,
 )
+from stream_dec.service.deadletters import DeadLetters
 from stream_dec.service.hooks import BatchInfo, ServiceHooks
 from stream_dec.service.journal import JOURNAL, Journal
 from stream_dec.service.learner import Learner
 from stream_dec.service.metrics import MetricsServer, ServiceMetrics
 from stream_dec.service.outputs import OUTPUTS
+from stream_dec.service.progress import Progress
 from stream_dec.settings import Settings
 
 __all__ = ["AllToOneAssignor", "NoCheckpointError", "StreamService"]
@@ -94,7 +100,9 @@ class StreamService:
         _use_torch_threads(settings.model.threads)
         self.ckpt_dir = Path(settings.checkpoint.dir)
         self.metrics = ServiceMetrics()
-        self.hooks = hooks or ServiceHooks()
+        self.progress = Progress(settings.progress.every_batches, settings.progress.every_s)
+        self.hooks = self.progress.observe(hooks or ServiceHooks())
+        self.dead_letters = DeadLetters(settings, self.metrics)
         self.model = model if model is not None else load_newest(settings)
         self.offsets: dict[int, int] = checkpoint_offsets(self.model, settings.kafka.input_topic)
         self._outputs_class = OUTPUTS[settings.kafka.processing_guarantee]
@@ -105,7 +113,8 @@ class StreamService:
             keep=settings.checkpoint.keep, interval=settings.checkpoint.interval_batches, metrics=self.metrics,
             on_written=lambda v, seconds: self.hooks.on_checkpoint(v, seconds),
         )
-        self.batcher = Batcher(settings.batch.max_size, settings.batch.max_wait_ms, on_replay_abandoned=self._replay_abandoned)
+        self.batcher = Batcher(settings.batch.max_size, settings.batch.max_wait_ms, max_bytes=settings.batch.max_bytes,
+                               on_replay_abandoned=self._replay_abandoned)
         self.learner = Learner()
         self.consumer = self.producer = self.outputs = self.server = None
         self.processed_batches = 0
@@ -126,6 +135,7 @@ class StreamService:
     def run(self, *, max_idle_s: float | None = None, install_signals: bool = True) -> int:
         """Run until :meth:`stop` (SIGTERM/SIGINT) or ``max_idle_s`` without records; returns 0."""
         self._start(install_signals)
+        first_version = int(self.model.version_)
         try:
             while not self._stop.is_set():
                 self.metrics.loop_alive()
@@ -136,6 +146,8 @@ class StreamService:
                         self._process(batch)
                     if self.learner.done():
                         self._settle()  # publish the drift record now rather than with the next batch
+                if self.progress.due():
+                    log.info("%s", self.progress.line(self._lag()))
                 if self._idle(max_idle_s):
                     log.info("no records for %.1fs: stopping", max_idle_s)
                     break
@@ -146,6 +158,8 @@ class StreamService:
                     self.outputs.commit(self.offsets, wait=True)
         finally:
             self.close()
+            log.info("%s", self.progress.summary(delivered=self.dead_letters.delivered, failed=self.dead_letters.failed,
+                                                 first_version=first_version, last_version=int(self.model.version_)))
         return 0
 
     def stop(self, *_args) -> None:
@@ -170,6 +184,7 @@ class StreamService:
         """Close clients, the learner and checkpoint threads and the metrics server (idempotent)."""
         self.learner.close()
         self.checkpointer.close()
+        self.dead_letters.close()
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
             self.consumer = None
@@ -195,6 +210,7 @@ class StreamService:
         self.producer = make_output_producer(self.settings, **self._outputs_class.producer_overrides(self.settings))
         self.outputs = self._outputs_class(self.settings, self.producer, self.consumer)
         self.outputs.start()
+        self.dead_letters.start()
         self.consumer.subscribe([self.settings.kafka.input_topic], listener=RebalanceListener(self._on_assigned, self._on_revoked))
 
     def _poll(self) -> int:
@@ -213,6 +229,11 @@ class StreamService:
             self.metrics.record_lag(highwater_lag(self.consumer))
         self.hooks.on_poll(n, time.perf_counter() - t0, polled_s)
         return n
+
+    def _lag(self) -> int | None:
+        """Records behind the high watermarks, summed over the assigned partitions (None: not known yet)."""
+        lag = highwater_lag(self.consumer)
+        return sum(lag.values()) if lag else None
 
     def _idle(self, max_idle_s: float | None) -> bool:
         # The idle clock starts at the first partition assignment: a group join alone
@@ -235,8 +256,9 @@ class StreamService:
         """Label, start learning, publish; record the offsets once the outputs are acknowledged."""
         clock = _Stopwatch()
         records = batch.records
+        k = self.settings.kafka
         decoded = decode_batch([(r.key, r.value, r.headers) for r in records], dim=self.model.n_features_in_,
-                               max_bytes=self.settings.kafka.max_record_bytes)
+                               max_bytes=k.max_record_bytes, max_key_bytes=k.max_key_bytes, max_id_bytes=k.max_id_bytes)
         clock.lap("decode")
         if self.outputs.skip_publishing(records):
             self._relearn(batch, decoded, clock)
@@ -248,10 +270,12 @@ class StreamService:
         if batch.journaled is None:  # a replayed batch's line is in the journal already
             self.journal.append(batch.end, labelled_by=version)
         clock.lap("journal")
-        _dead_letter(self.outputs, self.metrics, self.settings.kafka.dlq_topic, records, decoded.failures)
+        self.dead_letters.send(records, decoded.failures)
+        self.metrics.records.labels("dead_lettered").inc(len(decoded.failures))
         valid = [records[i] for i in decoded.valid]
         if valid:
             self._label(valid, decoded, version, clock)
+        self.dead_letters.await_acks()  # before the offsets move, in the transaction or after it
         self.outputs.close_batch(batch.end, self._settle)
         self.outputs.await_acks()
         clock.lap("acks")
@@ -367,17 +391,6 @@ class StreamService:
                 self.outputs.commit(self.offsets)
             self.metrics.assigned.set(0)
             self._owns = False
-
-
-def _dead_letter(outputs, metrics: ServiceMetrics, topic: str, records: list, failures: list) -> None:
-    """Send each undecodable record, original key and value, to the dead-letter topic."""
-    for pos, err in failures:
-        r = records[pos]
-        headers = dlq_headers_for(err, r.headers, r.topic, r.partition, r.offset)
-        outputs.send(topic, key=r.key, value=r.value, headers=headers)
-        metrics.dlq.labels(err.reason).inc()
-    if failures:
-        metrics.records.labels("dead_lettered").inc(len(failures))
 
 
 def _offset_ranges(records: list) -> dict[int, tuple[int, int]]:
