@@ -33,9 +33,7 @@ from kafka.coordinator.assignors.abstract import (
 
 from stream_dec.io.producer import producer_config
 
-#: Bytes one fetch may return, across partitions: a whole micro-batch of large vectors.
-FETCH_MAX_BYTES = 64 * 1024 * 1024
-#: Floor of the per-partition fetch size.
+#: Floor of the per-partition fetch size (a fetch takes at most ``batch.max_bytes`` in all).
 MIN_PARTITION_FETCH_BYTES = 8 * 1024 * 1024
 #: Linger of the output producer: short, as the loop flushes (or commits) once per micro-batch,
 #: so its batches are whole micro-batches already.
@@ -130,6 +128,9 @@ def consumer_config(settings) -> dict[str, Any]:
     >>> cfg = consumer_config(load_settings(batch__max_size=1024, batch__max_wait_ms=500))
     >>> cfg["max_poll_records"], cfg["fetch_max_wait_ms"], cfg["enable_auto_commit"]
     (1024, 100, False)
+    >>> cfg = consumer_config(load_settings(batch__max_bytes=1_000_000))
+    >>> cfg["fetch_max_bytes"], cfg["max_partition_fetch_bytes"]
+    (1000000, 1000000)
     """
     k = settings.kafka
     return dict(
@@ -144,8 +145,10 @@ def consumer_config(settings) -> dict[str, Any]:
         max_poll_records=settings.batch.max_size,
         # The client's 500 ms default would sit on top of the micro-batch wait.
         fetch_max_wait_ms=max(10, min(100, settings.batch.max_wait_ms // 2)),
-        fetch_max_bytes=FETCH_MAX_BYTES,
-        max_partition_fetch_bytes=max(k.max_record_bytes * 2, MIN_PARTITION_FETCH_BYTES),
+        # One poll holds at most a batch's bytes, plus one larger record that the broker
+        # returns alone: the batch byte bound holds before the records are in memory.
+        fetch_max_bytes=settings.batch.max_bytes,
+        max_partition_fetch_bytes=min(max(k.max_record_bytes * 2, MIN_PARTITION_FETCH_BYTES), settings.batch.max_bytes),
         partition_assignment_strategy=[AllToOneAssignor],
     )
 
