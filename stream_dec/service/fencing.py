@@ -51,6 +51,17 @@ LOCK_FILE = "owner.lock"
 _LEASE = re.compile(r"^owner-(\d{12})\.lease$")
 
 
+class FenceMetrics:
+    """The fencing metrics, registered on the service's registry."""
+
+    def __init__(self, registry):
+        from prometheus_client import Counter, Gauge
+
+        self.fenced = Counter("stream_dec_fenced_total", "Times this instance, while it owned the stream, found it no longer did (reason: lease, a newer owner's epoch; session, no heartbeat for a session timeout; lost, the group took the partitions) and stopped writing.", ["reason"], registry=registry)
+        self.journal_failures = Counter("stream_dec_journal_failures_total", "Journal writes (batch ends, update plans) that failed; the batch waits, unpublished, and is retried with backoff.", registry=registry)
+        self.epoch = Gauge("stream_dec_owner_epoch", "Owner epoch this instance holds (0: none, a standby).", registry=registry)
+
+
 class Fenced(RuntimeError):
     """This instance is not the newest owner of the stream: it must write nothing.
 

@@ -56,6 +56,10 @@ class Learner:
             raise RuntimeError("the previous update was not collected (settle) before the next one")
         self._running = self._pool.submit(_learn, model, X, ranges, plan, batch)
 
+    def busy(self) -> bool:
+        """Whether an update is running or waits to be collected."""
+        return self._running is not None
+
     def done(self) -> bool:
         """Whether an update has finished and waits to be collected."""
         return self._running is not None and self._running.done()
