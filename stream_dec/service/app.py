@@ -41,6 +41,7 @@ Invariants (the rooms' docstrings hold their own):
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -61,6 +62,9 @@ from stream_dec.service.checkpointer import (
     load_newest,
     read_newest,
 )
+from stream_dec.service.checkpointer import checkpoint_owner
+from stream_dec.service.clients import group_generation, request_rejoin, session_expired
+from stream_dec.service.fencing import Fenced, FenceMetrics, OwnerLease, instance_id
 from stream_dec.service.clients import (
     AllToOneAssignor,
     RebalanceListener,
@@ -108,10 +112,12 @@ class StreamService:
         self._outputs_class = OUTPUTS[settings.kafka.processing_guarantee]
         version = int(self.model.version_)
         self.journal = Journal(self.ckpt_dir / JOURNAL, base=version, durable=self._outputs_class.durable_journal)
+        self.instance = instance_id()
+        self.lease = OwnerLease(self.ckpt_dir, self.instance)
         self.checkpointer = Checkpointer(
             self.ckpt_dir, journal=self.journal, topic=settings.kafka.input_topic, version=version,
             keep=settings.checkpoint.keep, interval=settings.checkpoint.interval_batches, metrics=self.metrics,
-            on_written=lambda v, seconds: self.hooks.on_checkpoint(v, seconds),
+            on_written=lambda v, seconds: self.hooks.on_checkpoint(v, seconds), lease=self.lease, on_fenced=self._checkpoint_fenced,
         )
         self.batcher = Batcher(settings.batch.max_size, settings.batch.max_wait_ms, max_bytes=settings.batch.max_bytes,
                                on_replay_abandoned=self._replay_abandoned)
@@ -121,10 +127,28 @@ class StreamService:
         self._last_activity = 0.0  # monotonic time of the last records or assignment (0: none yet)
         self._owns = False  # the input partitions are assigned to this instance
         self._stop = threading.Event()
-        # kafka-python 3 runs rebalance callbacks on its IO thread, at any time: batch
-        # processing there (flush on revoke) and on the loop's thread must not interleave.
+        # Batch processing happens on the loop's thread only (the rebalance callbacks just
+        # record events, see _on_assigned); re-entrant for the handlers that drain within it.
         self._lock = threading.RLock()
         self.metrics.record_model(self.model)
+        self._init_fencing()
+
+    def _init_fencing(self) -> None:
+        """State of the ownership: epoch, rebalance events, batches held back by a directory failure."""
+        self.fence_metrics = FenceMetrics(self.metrics.registry)
+        self.checkpointer.written_by = checkpoint_owner(self.model)  # the state in memory is this checkpoint's
+        self._epoch: int | None = None  # owner epoch held (fencing.py); None: not the owner
+        self._events: collections.deque = collections.deque()  # (kind, partitions) recorded by the listener
+        self._events_lock = threading.Lock()
+        self._lost = threading.Event()  # set by the listener at once: the loop's fence checks see it mid-batch
+        self._refused = threading.Event()  # the checkpoint thread found a newer epoch
+        self._dropped = False  # the model in memory went past every checkpoint and was abandoned
+        self._held: Batch | None = None  # a batch whose journal line could not be written yet
+        self._unsettled = None  # an update whose plan could not be journaled yet (its drift record waits)
+        self._retry_at = 0.0  # monotonic time before which a held write is not retried
+        self._claim_at = 0.0  # the same for an assignment whose claim or resume failed
+        self._backoff_s = 0.0
+        self._batch_plan = self._batch_key = None  # the plan and identity of the batch being labelled
 
     @property
     def transactional_id(self) -> str:
@@ -142,20 +166,20 @@ class StreamService:
                 if self._poll():
                     self._last_activity = time.monotonic()
                 with self._lock:
-                    while (batch := self.batcher.cut(self.offsets)) is not None:
-                        self._process(batch)
-                    if self.learner.done():
-                        self._settle()  # publish the drift record now rather than with the next batch
+                    self._handle_events()
+                    self._process_ready()
                 if self.progress.due():
                     log.info("%s", self.progress.line(self._lag()))
                 if self._idle(max_idle_s):
                     log.info("no records for %.1fs: stopping", max_idle_s)
                     break
             with self._lock:
-                self._drain()
-                if self._owns:  # a standby must not write its stale model over the owner's
+                self._handle_events()
+                # A standby, or an owner fenced meanwhile, must not write its stale model over the owner's.
+                if self._owns and self._fence_reason() is None:
+                    self._drain()
                     self.checkpoint()
-                    self.outputs.commit(self.offsets, wait=True)
+                    self._commit(wait=True)
         finally:
             self.close()
             log.info("%s", self.progress.summary(delivered=self.dead_letters.delivered, failed=self.dead_letters.failed,
@@ -175,10 +199,12 @@ class StreamService:
         """
         # The checkpoint holds the model after the last batch's update; that update's drift
         # record must be acknowledged first, or a crash now would lose it for good.
-        self._settle()
+        if not self._settle():  # the update's plan is not journaled: its state cannot be checkpointed yet
+            return
         if self.outputs is not None:
             self.outputs.await_acks()
-        self.checkpointer.take(self.model, self.offsets, wait=wait)
+        owner = None if self._epoch is None else {"instance": self.instance, "epoch": self._epoch}
+        self.checkpointer.take(self.model, self.offsets, wait=wait, owner=owner)
 
     def close(self) -> None:
         """Close clients, the learner and checkpoint threads and the metrics server (idempotent)."""
@@ -211,7 +237,7 @@ class StreamService:
         self.outputs = self._outputs_class(self.settings, self.producer, self.consumer)
         self.outputs.start()
         self.dead_letters.start()
-        self.consumer.subscribe([self.settings.kafka.input_topic], listener=RebalanceListener(self._on_assigned, self._on_revoked))
+        self.consumer.subscribe([self.settings.kafka.input_topic], listener=RebalanceListener(self._on_assigned, self._on_revoked, self._on_lost))
 
     def _poll(self) -> int:
         """Poll for the batch being filled; returns the number of records added."""
@@ -244,8 +270,10 @@ class StreamService:
 
     def _drain(self) -> None:
         """Process every pending record now (shutdown, revocation)."""
-        while (batch := self.batcher.cut(self.offsets, now=True)) is not None:
-            self._process(batch)
+        while (batch := self._held or self.batcher.cut(self.offsets, now=True)) is not None:
+            self._held = None
+            if self._process(batch) is False:
+                break  # held by a directory failure, or fenced: unpublished and uncommitted, a restart redoes it
 
     def _replay_abandoned(self) -> None:
         if self.outputs is not None:
@@ -263,13 +291,17 @@ class StreamService:
         if self.outputs.skip_publishing(records):
             self._relearn(batch, decoded, clock)
             return
-        self.outputs.open_batch()
-        self._settle()  # predict needs the model the previous update leaves
+        if not self._settle():  # predict needs the model the previous update leaves
+            self._hold(batch)
+            return False
         clock.lap("wait_update")
         version = int(self.model.version_)  # the model that labels this batch
-        if batch.journaled is None:  # a replayed batch's line is in the journal already
-            self.journal.append(batch.end, labelled_by=version)
+        if not self._journal(batch, version):
+            return False
         clock.lap("journal")
+        self._batch_plan = batch.journaled.fields.get("plan") if batch.journaled is not None else None
+        self._batch_key = (batch.end, version)
+        self.outputs.open_batch()
         self.dead_letters.send(records, decoded.failures)
         self.metrics.records.labels("dead_lettered").inc(len(decoded.failures))
         valid = [records[i] for i in decoded.valid]
@@ -300,14 +332,15 @@ class StreamService:
             decoded.ids, labels.tolist(), conf, version, valid[0].topic, [r.partition for r in valid], [r.offset for r in valid]
         )
         self.outputs.send_many(out, keys, values, parts)
-        self.learner.start(self.model, decoded.X, _offset_ranges(valid))
+        self.learner.start(self.model, decoded.X, _offset_ranges(valid), plan=self._batch_plan, batch=self._batch_key)
         clock.lap("send")
 
     def _relearn(self, batch: Batch, decoded, clock: _Stopwatch) -> None:
         """Exactly-once replay of a batch whose outputs were committed before a crash: learn only."""
         self._settle()
         if decoded.valid:
-            update = self.learner.learn_now(self.model, decoded.X)
+            plan = batch.journaled.fields.get("plan") if batch.journaled is not None else None
+            update = self.learner.learn_now(self.model, decoded.X, plan=plan)
             self.metrics.record_update(update.report, self.model)
             self.hooks.on_update(update.report, update.started, update.ended)
         clock.lap("wait_update")
@@ -323,37 +356,233 @@ class StreamService:
         if self.checkpointer.batch_done():
             self.checkpoint(wait=False)
         clock.lap("checkpoint")
-        self.outputs.batch_done(self.offsets)
+        if self._fence_reason() is None:  # a fenced owner commits nothing
+            self.outputs.batch_done(self.offsets)
         clock.lap("commit")
         clock.laps["total"] = time.perf_counter() - clock.started
 
-    def _settle(self) -> None:
-        """Wait for the running update, if any, and publish its batch's drift record."""
-        update = self.learner.settle()  # an update that raised ends the run here
+    def _settle(self) -> bool:
+        """Wait for the running update, if any, journal its plan and publish its batch's drift record.
+
+        False when the plan cannot be journaled (a directory failure: the update waits,
+        its drift record unpublished, and is retried; or fenced): a replay could not
+        redo the update exactly, so nothing that depends on it may leave.
+        """
+        update, self._unsettled = self._unsettled or self.learner.settle(), None  # an update that raised ends the run here
         if update is None:
-            return
+            return True
+        if update.batch is not None and not update.replayed:
+            end, labelled_by = update.batch
+            try:
+                with self.lease.guard(self._epoch):
+                    self.journal.append(end, labelled_by=labelled_by, epoch=self._epoch, plan=update.report.plan)
+            except Fenced as exc:
+                self._drop(exc)
+                return False
+            except OSError as exc:
+                self._unsettled = update
+                self._dir_failed(exc)
+                return False
         drift = encode_drift(update.report, topic=self.settings.kafka.input_topic, offset_ranges=update.ranges)
         self.outputs.send(self.settings.kafka.output_topic, key=DRIFT_KEY, value=drift)
         self.metrics.record_update(update.report, self.model)
         self.hooks.on_update(update.report, update.started, update.ended)
+        return True
 
-    # ------------------------------------------------------------ rebalances (client IO thread)
+    # ------------------------------------------------------------ rebalances and fencing
+    # kafka-python 3 calls the listener on its IO thread, which also sends the heartbeats:
+    # the callbacks only record the event, the loop's thread acts on it before its next
+    # batch (_handle_events). A batch in progress meanwhile is safe: its journal line,
+    # written under the lease (fencing.py), is what the next owner replays exactly.
     def _on_assigned(self, partitions: list[TopicPartition]) -> None:
-        with self._lock:
-            self._assigned(partitions)
-        self.hooks.on_assigned([tp.partition for tp in partitions])
+        if partitions:
+            # The client must not look for a position itself (it resets nothing, clients.py):
+            # provisional positions now (non-blocking), paused until the loop's thread has
+            # chosen the model and seeks for real.
+            self.consumer.pause(*partitions)
+            known = dict(self.offsets)
+            for tp in partitions:
+                if tp.partition in known:
+                    self.consumer.seek(tp, known[tp.partition])
+                else:
+                    self.consumer.seek_to_beginning(tp)
+        self._record("assigned", partitions)
+
+    def _on_revoked(self, partitions: list[TopicPartition]) -> None:
+        self._record("revoked", partitions)
+
+    def _on_lost(self, partitions: list[TopicPartition]) -> None:
+        self._lost.set()
+        self._record("lost", partitions)
+
+    def _record(self, kind: str, partitions: list[TopicPartition]) -> None:
+        with self._events_lock:
+            self._events.append((kind, list(partitions)))
+
+    def _handle_events(self) -> None:
+        """Act on the recorded rebalance events, in order (the loop's thread)."""
+        while True:
+            with self._events_lock:
+                if not self._events or (self._events[0][0] == "assigned" and time.monotonic() < self._claim_at):
+                    return
+                kind, partitions = self._events.popleft()
+            if kind == "lost":
+                self._drop(Fenced("lost", f"partitions {sorted(tp.partition for tp in partitions)} lost"), rejoin=False)
+            elif kind == "revoked":
+                self._revoked(partitions)
+            else:
+                try:
+                    self._assigned(partitions)
+                except OSError as exc:  # the checkpoint directory: claim and resume again after a backoff
+                    self._release()
+                    self._dir_failed(exc)
+                    self._claim_at = self._retry_at
+                    with self._events_lock:
+                        self._events.appendleft((kind, partitions))
+                    return
+                self.hooks.on_assigned([tp.partition for tp in partitions])
+
+    def _fence_reason(self) -> str | None:
+        """Why this instance must not write now (None: it is the owner). No I/O: checked often."""
+        if self._epoch is None:
+            return "not_owner"
+        if self._lost.is_set():
+            return "lost"
+        if self._refused.is_set():
+            return "lease"
+        if self.consumer is not None and session_expired(self.consumer):
+            return "session"
+        return None
+
+    def _journal(self, batch: Batch, version: int) -> bool:
+        """Journal a new batch's end under the lease: the point after which its outputs may leave.
+
+        False when the batch must not be published: fenced (dropped), or the directory
+        failed (the batch is held and retried after a backoff).
+        """
+        reason = self._fence_reason()
+        try:
+            if reason is not None:
+                raise Fenced(reason)
+            with self.lease.guard(self._epoch):
+                if batch.journaled is None:  # a replayed batch's line is in the journal already
+                    self.journal.append(batch.end, labelled_by=version, epoch=self._epoch)
+        except Fenced as exc:
+            self._drop(exc)
+            return False
+        except OSError as exc:
+            self._hold(batch)
+            self._dir_failed(exc)
+            return False
+        self._dir_ok()
+        return True
+
+    def _process_ready(self) -> None:
+        """Process the batches that are ready (a held one first), then publish a finished update's drift record."""
+        if time.monotonic() < self._retry_at:
+            return
+        while (batch := self._held or self.batcher.cut(self.offsets)) is not None:
+            self._held = None
+            if self._process(batch) is False:
+                return
+        if self._unsettled is not None or self.learner.done():
+            self._settle()  # publish the drift record now rather than with the next batch
+
+    def _hold(self, batch: Batch) -> None:
+        if self._epoch is not None:  # a fenced owner drops its batches instead
+            self._held = batch
+
+    def _dir_failed(self, exc: OSError) -> None:
+        """The checkpoint directory refused a journal or lease write: count, log, back off."""
+        self.fence_metrics.journal_failures.inc()
+        self._backoff_s = min(5.0, max(0.1, 2 * self._backoff_s))
+        self._retry_at = time.monotonic() + self._backoff_s
+        log.error("checkpoint directory %s unusable (%s); nothing is published until the journal can be written, "
+                  "retrying in %.1fs", self.ckpt_dir, exc, self._backoff_s)
+
+    def _dir_ok(self) -> None:
+        if self._backoff_s:
+            log.warning("checkpoint directory %s usable again; resuming", self.ckpt_dir)
+            self._backoff_s = 0.0
+
+    def _commit(self, *, wait: bool = False) -> None:
+        if self._fence_reason() is None:
+            self.outputs.commit(self.offsets, wait=wait)
+
+    def _revoked(self, partitions: list[TopicPartition]) -> None:
+        """A rebalance this instance takes part in: hand over, if it still holds the newest epoch.
+
+        The records not yet cut are left to the next owner (perhaps this instance again),
+        which resumes from the newest checkpoint and the journal. The last update's drift
+        record, a checkpoint and a commit are written only under the lease.
+        """
+        if partitions and self._owns:
+            reason = self._fence_reason()
+            if reason is None:
+                self.checkpoint()
+                self._commit()
+            elif reason != "not_owner":
+                self._drop(Fenced(reason), rejoin=False)
+                return
+        self._release()
+
+    def _release(self) -> None:
+        """No longer the owner: forget what waits to be processed, and an update whose drift record was not published."""
+        if self._unsettled is not None or self.learner.busy():
+            self._dropped = True  # the model learnt something no journal line describes
+        self._unsettled = None
+        try:
+            self.learner.settle()
+        except Exception:  # noqa: BLE001 (an update that failed belongs to the abandoned model)
+            log.exception("update of the abandoned model failed")
+        self._owns = False
+        self._epoch = None
+        self._held = None
+        self.metrics.assigned.set(0)
+        self.fence_metrics.epoch.set(0)
+        _drop_pending(self.batcher)
+
+    def _drop(self, exc: Fenced, *, rejoin: bool = True) -> None:
+        """Fenced while owning the stream: publish, journal, checkpoint and commit nothing more; stand by.
+
+        The model in memory is abandoned (the next assignment loads the newest
+        checkpoint). ``rejoin``: ask the group for a fresh assignment (when the client
+        itself has not noticed yet).
+        """
+        if self._epoch is None and not self._owns:
+            return
+        log.error("FENCED (%s): %s. Stopping all writes (outputs, journal, checkpoints, commits) and standing by; "
+                  "the newest owner continues from the shared checkpoint directory", exc.reason, exc)
+        self.fence_metrics.fenced.labels(exc.reason).inc()
+        self._release()  # the last update's drift record is not published: the next owner replays its batch
+        self._dropped = True
+        if rejoin and self.consumer is not None:
+            request_rejoin(self.consumer)
+
+    def _checkpoint_fenced(self, exc: Fenced) -> None:
+        """The checkpoint thread found a newer epoch (runs there): the loop drops at its next check."""
+        self._refused.set()
 
     def _assigned(self, partitions: list[TopicPartition]) -> None:
         self.metrics.assigned.set(len(partitions))
         self._owns = bool(partitions)
         self._last_activity = time.monotonic()
+        self._lost.clear()
+        self._refused.clear()
+        _drop_pending(self.batcher)  # polled before the seek below: maybe from the group's committed offsets
+        self._held = None
         if not partitions:
             log.info("standby: another instance of group %s owns the input partitions", self.settings.kafka.group_id)
             return
-        self._settle()
+        if self._epoch is not None:  # reassigned without a revocation event: hand over to itself
+            self.checkpoint()
+        generation, member = group_generation(self.consumer)
+        self._epoch = self.lease.claim(generation, member)
+        self.fence_metrics.epoch.set(self._epoch)
+        log.info("owner epoch %d (group generation %d)", self._epoch, generation)
         self._resume_newest()
         self.journal.seal()
-        self.batcher.replay_from(self.journal.following(self.model.version_))
+        self.batcher.replay_from(self.journal.following(self.model.version_, self.offsets))
         # The checkpoint is the truth: a partition it has no offset for is one the model
         # has not learnt from yet, whatever the group committed since (those commits may
         # be ahead of the checkpoint; the journal replays the batches in between).
@@ -363,6 +592,7 @@ class StreamService:
                 self.consumer.seek(tp, self.offsets[tp.partition])
         if fresh:
             self.consumer.seek_to_beginning(*fresh)
+        self.consumer.resume(*partitions)
         self.outputs.on_assigned()
         log.info("assigned %s; resuming at %s", [tp.partition for tp in partitions], self.offsets or "the beginning")
 
@@ -375,22 +605,26 @@ class StreamService:
             newest = read_newest(self.settings)
         except CheckpointError:
             return
-        if newest.version_ > self.model.version_:
+        # The model in memory is kept only if it is exactly the newest checkpoint: the one
+        # this instance wrote or loaded last, with nothing learnt since. Any other state
+        # (ahead of the checkpoint, or of another lineage) may differ from what the
+        # stream's outputs say: the journal replays from the checkpoint instead.
+        same = not self._dropped and newest.version_ == self.model.version_ and checkpoint_owner(newest) == self.checkpointer.written_by
+        if not same:
             self.model = newest
             self.offsets = checkpoint_offsets(newest, self.settings.kafka.input_topic)
-            self.checkpointer.reset(newest.version_)
+            self.checkpointer.reset(newest.version_, written_by=checkpoint_owner(newest))
             self.metrics.record_model(newest)
+            log.info("resuming from %s (model version %d)", newest.checkpoint_path_, newest.version_)
+        self._dropped = False
 
-    def _on_revoked(self, partitions: list[TopicPartition]) -> None:
-        # Runs on the client's IO thread (kafka-python 3): no blocking consumer calls here,
-        # so the commit is asynchronous. On our own shutdown everything is already done.
-        with self._lock:
-            if partitions and (self.batcher.pending or self.offsets != self.outputs.committed):
-                self._drain()
-                self.checkpoint()
-                self.outputs.commit(self.offsets)
-            self.metrics.assigned.set(0)
-            self._owns = False
+
+
+def _drop_pending(batcher: Batcher) -> None:
+    """Forget the records waiting to be cut and any replay (the partitions are repositioned)."""
+    batcher.pending = []
+    batcher.pending_bytes = 0
+    batcher.replay_from([])
 
 
 def _offset_ranges(records: list) -> dict[int, tuple[int, int]]:
