@@ -31,9 +31,8 @@ import time
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
-from prometheus_client import Counter
 
-from stream_dec.io.codecs import dead_letter, dead_letter_max_bytes
+from stream_dec.io.codecs import REASONS, dead_letter, dead_letter_max_bytes
 from stream_dec.io.producer import max_request_size, producer_config
 
 log = logging.getLogger("stream_dec.service")
@@ -71,20 +70,16 @@ def dlq_producer_config(settings) -> dict:
 class DeadLetters:
     """Sends the dead letters of each batch and counts what became of them.
 
-    ``metrics``: the service's :class:`~stream_dec.service.metrics.ServiceMetrics`
-    (acknowledged dead letters go to its ``stream_dec_dlq_records_total``; the send
-    failures counter is registered in its registry). :attr:`delivered` and :attr:`failed`
-    count dead letters by reason over the run.
+    ``metrics``: the service's :class:`~stream_dec.service.metrics.ServiceMetrics`: dead
+    letters acknowledged count in its ``dlq``, those given up in its ``dlq_failures``.
+    :attr:`delivered` and :attr:`failed` count them by reason over the run.
     """
 
     def __init__(self, settings, metrics):
         self.settings = settings
         self.metrics = metrics
-        self.failures = Counter(
-            "stream_dec_dlq_send_failures_total",
-            "Dead letters that could not be delivered to the dead-letter topic (logged and skipped), by reason.",
-            ["reason"], registry=metrics.registry,
-        )
+        for reason in REASONS:  # every series from 0, so that an alert on increase() sees the first failure
+            metrics.dlq_failures.labels(reason)
         self.producer: KafkaProducer | None = None
         self.delivered: collections.Counter[str] = collections.Counter()
         self.failed: collections.Counter[str] = collections.Counter()
@@ -146,7 +141,7 @@ class DeadLetters:
         reasons = collections.Counter(reason for reason, _ in refused)
         for reason, n in reasons.items():
             self.failed[reason] += n
-            self.failures.labels(reason).inc(n)
+            self.metrics.dlq_failures.labels(reason).inc(n)
         exc = refused[0][1]
         log.error("%d dead letter(s) not delivered to %s, skipped (reasons: %s): %s: %s", len(refused),
                   self.settings.kafka.dlq_topic, dict(sorted(reasons.items())), type(exc).__name__, exc)

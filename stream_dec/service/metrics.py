@@ -75,7 +75,8 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         self.records = Counter("stream_dec_records_total", "Input records by outcome (labelled, dead_lettered, replayed: relearnt after an exactly-once restart, not republished).", ["outcome"], registry=r)
-        self.dlq = Counter("stream_dec_dlq_records_total", "Records sent to the dead-letter topic, by reason.", ["reason"], registry=r)
+        self.dlq = Counter("stream_dec_dlq_records_total", "Dead letters the dead-letter topic acknowledged, by reason.", ["reason"], registry=r)
+        self.dlq_failures = Counter("stream_dec_dlq_send_failures_total", "Dead letters that could not be delivered (logged and skipped), by reason.", ["reason"], registry=r)
         self.batches = Counter("stream_dec_batches_total", "Micro-batches processed.", registry=r)
         self.batch_size = Histogram("stream_dec_batch_size_records", "Records per micro-batch.", buckets=_SIZE_BUCKETS, registry=r)
         self.input_bytes = Counter("stream_dec_input_bytes_total", "Bytes of input record values consumed.", registry=r)
