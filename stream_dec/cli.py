@@ -3,8 +3,11 @@
 The service commands (``run``, ``demo``) belong to the service layer. Heavy modules
 (torch, kafka) are imported inside the commands that need them, so ``--help`` and
 ``produce`` start without torch. Every error a user can cause (bad files, bad flags,
-bad settings, no broker) ends in one ``stream-dec CMD: error: ...`` line and exit 2;
-the command line options are described in docs/contracts.md.
+bad settings, no broker for ``produce``) ends in one ``stream-dec CMD: error: ...`` line
+and exit 2. ``run`` also exits 3 when the broker or its output topic stayed unreachable
+longer than ``STREAM_DEC_KAFKA__MAX_OUTAGE_S`` (a supervisor may restart it later), and 4
+when its input offsets lie outside the log under ``STREAM_DEC_KAFKA__OFFSET_RESET_POLICY=fail``
+(an operator must look). The command line options are described in docs/contracts.md.
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ _FLAG_PARAMS = {"n_clusters": "--n-clusters", "random_state": "--seed", "verbose
 
 class CommandError(ValueError):
     """A user error of a command: printed as ``stream-dec CMD: error: MESSAGE``, exit 2."""
+
+
+class ExitError(RuntimeError):
+    """A failure that is not the user's input: printed as ``stream-dec CMD: error: MESSAGE``, exit ``status``."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 # ---------------------------------------------------------------- argument types
@@ -335,6 +346,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
 
     from stream_dec.service import NoCheckpointError, StreamService
+    from stream_dec.service.outage import EXIT_OFFSETS, EXIT_OUTAGE, OffsetsOutOfRangeError, OutageError, is_outage
 
     try:
         service = StreamService(settings)
@@ -342,8 +354,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     try:
         return service.run(max_idle_s=args.exit_when_idle)
+    except OutageError as exc:
+        raise ExitError(f"giving up: {exc}", EXIT_OUTAGE) from None
+    except OffsetsOutOfRangeError as exc:
+        raise ExitError(str(exc), EXIT_OFFSETS) from None
     except KafkaError as exc:  # kafka-python's errors name their type only sometimes
         text = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
+        if is_outage(exc):  # one the service does not retry where it happened: still an outage
+            raise ExitError(f"Kafka at {settings.kafka.bootstrap_servers} unreachable: {text}", EXIT_OUTAGE) from None
         raise CommandError(f"Kafka at {settings.kafka.bootstrap_servers}: {text}") from None
 
 
@@ -479,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ExitError as exc:
+        print(f"stream-dec {args.command}: error: {exc}", file=sys.stderr)
+        return exc.status
     except (ValueError, OSError) as exc:  # bad data, flags, settings or checkpoints; unreadable or unwritable files
         print(f"stream-dec {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -52,6 +52,7 @@ from typing import Any
 
 from kafka import TopicPartition
 
+from kafka.errors import OffsetOutOfRangeError
 from stream_dec.io.codecs import decode_batch, encode_assignments, encode_drift
 from stream_dec.io.partitioner import default_partitions
 from stream_dec.service.batcher import Batch, Batcher
@@ -72,9 +73,12 @@ from stream_dec.service.clients import (
     make_consumer,
     make_output_producer,
     transactional_id,
+    CONNECT_TIMEOUT_S,
+    broker_connected,
 )
 from stream_dec.service.deadletters import DeadLetters
 from stream_dec.service.hooks import BatchInfo, ServiceHooks
+    positions,
 from stream_dec.service.journal import JOURNAL, Journal
 from stream_dec.service.learner import Learner
 from stream_dec.service.metrics import MetricsServer, ServiceMetrics
@@ -82,6 +86,7 @@ from stream_dec.service.outputs import OUTPUTS
 from stream_dec.service.progress import Progress
 from stream_dec.settings import Settings
 
+from stream_dec.service.outage import OffsetsOutOfRangeError, Outage
 __all__ = ["AllToOneAssignor", "NoCheckpointError", "StreamService"]
 
 log = logging.getLogger("stream_dec.service")
@@ -92,6 +97,8 @@ MAX_POLL_MS = 200
 DRIFT_KEY = b"__drift__"
 
 
+#: Longest gap between two exports of the positions (and checks of the broker) while no records arrive.
+WATCH_EVERY_S = 0.5
 class StreamService:
     """One running instance of ``stream-dec run``.
 
@@ -122,7 +129,7 @@ class StreamService:
         self.batcher = Batcher(settings.batch.max_size, settings.batch.max_wait_ms, max_bytes=settings.batch.max_bytes,
                                on_replay_abandoned=self._replay_abandoned)
         self.learner = Learner()
-        self.consumer = self.producer = self.outputs = self.server = None
+        self.consumer = self.outputs = self.server = None
         self.processed_batches = 0
         self._last_activity = 0.0  # monotonic time of the last records or assignment (0: none yet)
         self._owns = False  # the input partitions are assigned to this instance
@@ -136,6 +143,10 @@ class StreamService:
     def _init_fencing(self) -> None:
         """State of the ownership: epoch, rebalance events, batches held back by a directory failure."""
         self.fence_metrics = FenceMetrics(self.metrics.registry)
+        self.outage = Outage(settings, self.metrics, self._stop)
+        self._check_log_starts = False  # compare positions with the log's start at the next poll
+        self._watched = 0.0  # monotonic time positions were last exported
+        self._unconnected = 0  # broker checks in a row that found no open connection
         self.checkpointer.written_by = checkpoint_owner(self.model)  # the state in memory is this checkpoint's
         self._epoch: int | None = None  # owner epoch held (fencing.py); None: not the owner
         self._events: collections.deque = collections.deque()  # (kind, partitions) recorded by the listener
@@ -214,10 +225,10 @@ class StreamService:
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
             self.consumer = None
-        if self.producer is not None:
-            self.producer.flush()
-            self.producer.close()
-            self.producer = None
+        if self.outputs is not None and self.outputs.producer is not None:
+            # In an outage what is left cannot be delivered: nothing of it was committed.
+            self.outputs.producer.close(timeout=0 if self.outage.active else None)
+            self.outputs.producer = None
         if self.server is not None:
             self.server.stop()
             self.server = None
@@ -232,10 +243,15 @@ class StreamService:
             stale_after_s = max(30.0, 3 * self.settings.batch.max_wait_ms / 1000)
             self.server = MetricsServer(self.metrics, m.host, m.port, stale_after_s=stale_after_s).start()
             log.info("metrics on http://%s:%d/metrics", m.host, self.server.port)
-        self.consumer = make_consumer(self.settings)
-        self.producer = make_output_producer(self.settings, **self._outputs_class.producer_overrides(self.settings))
-        self.outputs = self._outputs_class(self.settings, self.producer, self.consumer)
-        self.outputs.start()
+        k = self.settings.kafka
+        # An unreachable broker is waited for (with backoff, up to max_outage_s), with
+        # /healthz answering 503 meanwhile, rather than failing on the first try.
+        self.consumer = self.outage.retry(f"broker (input topic {k.input_topic!r})", lambda: make_consumer(self.settings))
+        producer = self.outage.retry(f"broker (output topic {k.output_topic!r})", lambda: make_output_producer(
+            self.settings, **self._outputs_class.producer_overrides(self.settings)))
+        self.outputs = self._outputs_class(self.settings, producer, self.consumer, outage=self.outage)
+        self.outage.retry(f"output topic {k.output_topic!r}", self.outputs.start)
+        self.outputs.partitions_for(k.output_topic)  # reachable before any input is read
         self.dead_letters.start()
         self.consumer.subscribe([self.settings.kafka.input_topic], listener=RebalanceListener(self._on_assigned, self._on_revoked, self._on_lost))
 
@@ -243,7 +259,11 @@ class StreamService:
         """Poll for the batch being filled; returns the number of records added."""
         t0 = time.perf_counter()
         wait_ms, room = self.batcher.poll_budget()
-        polled = self.consumer.poll(timeout_ms=min(wait_ms, MAX_POLL_MS) if wait_ms else 0, max_records=room)
+        try:
+            polled = self.consumer.poll(timeout_ms=min(wait_ms, MAX_POLL_MS) if wait_ms else 0, max_records=room)
+        except OffsetOutOfRangeError as exc:  # the client resets nothing itself (clients.py)
+            self._fetch_out_of_range(exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {})
+            polled = {}
         polled_s = time.perf_counter() - t0
         self.outputs.after_poll(self.offsets)
         n = 0
@@ -251,8 +271,7 @@ class StreamService:
             for records in polled.values():
                 self.batcher.add(records)
                 n += len(records)
-        if n:
-            self.metrics.record_lag(highwater_lag(self.consumer))
+        self._watch_positions(n)
         self.hooks.on_poll(n, time.perf_counter() - t0, polled_s)
         return n
 
@@ -285,6 +304,99 @@ class StreamService:
         clock = _Stopwatch()
         records = batch.records
         k = self.settings.kafka
+    # ------------------------------------------------------------ positions and outages
+    @property
+    def producer(self):
+        """The output producer (replaced after an outage: a restarted broker may not know the old one)."""
+        return self.outputs.producer if self.outputs is not None else None
+
+    def _watch_positions(self, polled: int) -> None:
+        """Export positions, high watermarks and the broker's state; apply the reset policy to a
+        position the partition's log no longer holds (on the loop's thread)."""
+        now = time.monotonic()
+        due = now - self._watched >= WATCH_EVERY_S
+        if due:
+            self._watched = now
+            if broker_connected(self.consumer):
+                self._unconnected = 0
+                self.outage.ok()
+            else:
+                # Twice in a row: a connection is briefly closed after start-up and between
+                # tries. The client reconnects by itself; past max_outage_s the run ends.
+                self._unconnected += 1
+                if self._unconnected >= 2:
+                    self.outage.failed(f"broker (input topic {self.settings.kafka.input_topic!r})")
+                    return
+        if not (polled or due or self._check_log_starts):
+            return
+        seen = positions(self.consumer)
+        self.metrics.record_positions(seen)
+        # tansu answers a fetch past its log's end with no records and no error: only the
+        # high watermark below the position shows it (docs/kafka-notes.md).
+        outside = {p: ("past_end", pos, hw) for p, (pos, hw) in seen.items() if hw is not None and pos > hw}
+        if self._check_log_starts and seen:
+            self._check_log_starts = False
+            starts = self._log_starts(seen)
+            outside.update({p: ("before_start", pos, starts[p]) for p, (pos, _) in seen.items()
+                            if p in starts and pos < starts[p] and p not in outside})
+        if outside:
+            self._reset_offsets(outside)
+
+    def _log_starts(self, partitions) -> dict[int, int]:
+        """The first offset of each partition's log (``beginning_offsets`` is right on tansu too)."""
+        topic = self.settings.kafka.input_topic
+        starts = self.consumer.beginning_offsets([TopicPartition(topic, p) for p in partitions], timeout_ms=CONNECT_TIMEOUT_S * 1000)
+        return {tp.partition: o for tp, o in starts.items()}
+
+    def _fetch_out_of_range(self, fetched: dict) -> None:
+        """The broker refused a fetch as out of range (Apache Kafka does, for both ends of the log)."""
+        starts = self._log_starts([tp.partition for tp in fetched])
+        outside = {}
+        for tp, offset in fetched.items():
+            offset = getattr(offset, "offset", offset)
+            start = starts.get(tp.partition, 0)
+            outside[tp.partition] = ("before_start", offset, start) if offset < start else ("past_end", offset, self.consumer.highwater(tp))
+        self._reset_offsets(outside)
+
+    def _reset_offsets(self, outside: dict[int, tuple[str, int, int | None]]) -> None:
+        """``{partition: (where, position, log start or high watermark)}``: log loudly, count, apply the policy.
+
+        ``earliest``: the records already fetched are processed, then each partition
+        resumes at its log's start, the journal (which describes the old log) is dropped
+        and a checkpoint is written at once, so a restart does not find the old offsets again.
+        """
+        topic, policy = self.settings.kafka.input_topic, self.settings.kafka.offset_reset_policy
+        for p, (where, pos, edge) in sorted(outside.items()):
+            self.metrics.offset_resets.labels(where).inc()
+            if where == "past_end":
+                log.error("input %s[%d]: position %d is past the log's end %s: the log was truncated, the topic "
+                          "recreated or the broker restored empty", topic, p, pos, edge)
+            else:
+                log.error("input %s[%d]: position %d is before the log's start %d: %d records were deleted "
+                          "(retention) before the service read them", topic, p, pos, edge, edge - pos)
+        if policy == "fail":
+            raise OffsetsOutOfRangeError(
+                f"input positions outside the log of {topic!r}: "
+                + ", ".join(f"partition {p} at {pos} ({where.replace('_', ' ')} {edge})" for p, (where, pos, edge) in sorted(outside.items()))
+                + "; STREAM_DEC_KAFKA__OFFSET_RESET_POLICY=fail (deploy/OPERATE.md says what to do)")
+        with self._lock:
+            self._drain()
+            starts = self._log_starts(outside)
+            for p, (where, pos, edge) in sorted(outside.items()):
+                start = starts.get(p, 0)
+                self.offsets[p] = start
+                self.consumer.seek(TopicPartition(topic, p), start)
+                if where == "past_end":
+                    log.warning("input %s[%d]: policy earliest: resuming at the log's start %d; the %s records "
+                                "there are read although the checkpoint was past them", topic, p, start,
+                                "?" if edge is None else max(0, edge - start))
+                else:
+                    log.warning("input %s[%d]: policy earliest: resuming at the log's start %d; %d records skipped",
+                                topic, p, start, start - pos)
+            self.batcher.replay_from([])
+            self.outputs.forget_published()
+            self.checkpoint()
+
         decoded = decode_batch([(r.key, r.value, r.headers) for r in records], dim=self.model.n_features_in_,
                                max_bytes=k.max_record_bytes, max_key_bytes=k.max_key_bytes, max_id_bytes=k.max_id_bytes)
         clock.lap("decode")
@@ -327,7 +439,7 @@ class StreamService:
         clock.lap("predict")
         keys = [item_id.encode() for item_id in decoded.ids]
         # Kafka's own key partitioning, computed for the whole batch (see io/partitioner.py).
-        parts = default_partitions(keys, self.producer.partitions_for(out)).tolist()
+        parts = default_partitions(keys, self.outputs.partitions_for(out)).tolist()
         values = encode_assignments(
             decoded.ids, labels.tolist(), conf, version, valid[0].topic, [r.partition for r in valid], [r.offset for r in valid]
         )
@@ -571,6 +683,7 @@ class StreamService:
         self._refused.clear()
         _drop_pending(self.batcher)  # polled before the seek below: maybe from the group's committed offsets
         self._held = None
+        self._check_log_starts = bool(partitions)  # a blocking call: done on the loop's thread
         if not partitions:
             log.info("standby: another instance of group %s owns the input partitions", self.settings.kafka.group_id)
             return

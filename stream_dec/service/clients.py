@@ -6,8 +6,11 @@ Invariants:
 
 * Offsets are never committed automatically: the outputs decide when (after the
   batch's outputs are acknowledged, or inside its transaction).
-* A partition the group has no offset for is read from the beginning; the service
-  seeks to its checkpoint's offsets anyway, never to the end.
+* The service positions every assigned partition itself (the checkpoint's offset, or
+  the beginning), never at the end. The client resets nothing on its own
+  (``auto_offset_reset="none"``): a position outside the log raises, and the service
+  applies ``STREAM_DEC_KAFKA__OFFSET_RESET_POLICY`` and says so.
+* Under exactly-once the input is read ``read_committed``.
 * Every input partition goes to one member of the group (:class:`AllToOneAssignor`):
   one model per stream; the other members stand by.
 * Rebalance callbacks run on the client's IO thread (kafka-python 3), which also sends
@@ -38,6 +41,10 @@ MIN_PARTITION_FETCH_BYTES = 8 * 1024 * 1024
 #: Linger of the output producer: short, as the loop flushes (or commits) once per micro-batch,
 #: so its batches are whole micro-batches already.
 OUTPUT_LINGER_MS = 5
+#: Seconds one try to reach the broker may take (start-up, metadata, one output's delivery
+#: within three times this): short, so an outage is noticed, reported and retried with
+#: backoff (stream_dec/service/outage.py) instead of blocking the loop for minutes.
+CONNECT_TIMEOUT_S = 10
 
 
 class AllToOneAssignor(AbstractPartitionAssignor):
@@ -131,6 +138,10 @@ def consumer_config(settings) -> dict[str, Any]:
     >>> cfg = consumer_config(load_settings(batch__max_bytes=1_000_000))
     >>> cfg["fetch_max_bytes"], cfg["max_partition_fetch_bytes"]
     (1000000, 1000000)
+    >>> cfg["auto_offset_reset"], cfg["isolation_level"]
+    ('none', 'read_uncommitted')
+    >>> consumer_config(load_settings(kafka__processing_guarantee="exactly_once"))["isolation_level"]
+    'read_committed'
     """
     k = settings.kafka
     return dict(
@@ -138,7 +149,9 @@ def consumer_config(settings) -> dict[str, Any]:
         group_id=k.group_id,
         client_id=k.client_id,
         enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        auto_offset_reset="none",
+        isolation_level="read_committed" if k.processing_guarantee == "exactly_once" else "read_uncommitted",
+        bootstrap_timeout_ms=CONNECT_TIMEOUT_S * 1000,
         session_timeout_ms=k.session_timeout_ms,
         heartbeat_interval_ms=k.heartbeat_interval_ms,
         max_poll_interval_ms=k.max_poll_interval_ms,
@@ -167,11 +180,13 @@ def output_producer_config(settings, **overrides: Any) -> dict[str, Any]:
     >>> cfg = output_producer_config(load_settings())
     >>> cfg["acks"], cfg["linger_ms"], cfg["max_request_size"]
     ('all', 5, 4194304)
+    >>> cfg["max_block_ms"], cfg["delivery_timeout_ms"]
+    (10000, 30000)
     """
     k = settings.kafka
     return producer_config(
         k.bootstrap_list, client_id=k.client_id, acks="all", max_record_bytes=k.max_record_bytes,
-        linger_ms=OUTPUT_LINGER_MS, **overrides,
+        linger_ms=OUTPUT_LINGER_MS, timeout_s=CONNECT_TIMEOUT_S, **overrides,
     )
 
 
@@ -203,3 +218,29 @@ def highwater_lag(consumer: KafkaConsumer) -> dict[int, int]:
         if hw is not None:
             lag[tp.partition] = max(0, hw - consumer.position(tp))
     return lag
+
+
+def positions(consumer: KafkaConsumer) -> dict[int, tuple[int, int | None]]:
+    """``{partition: (position, high watermark or None)}`` of the assigned partitions.
+
+    ``highwater()`` (known after a fetch) rather than ``end_offsets()``, which tansu
+    answers wrongly (docs/kafka-notes.md). A position above the high watermark means the
+    log no longer holds what the service read: tansu then answers the fetch with no
+    records and no error.
+    """
+    out = {}
+    for tp in consumer.assignment():
+        position = consumer.position(tp, timeout_ms=0)
+        if position is not None:
+            out[tp.partition] = (position, consumer.highwater(tp))
+    return out
+
+
+def broker_connected(consumer: KafkaConsumer) -> bool:
+    """Whether the consumer holds at least one open broker connection (it reconnects on its own).
+
+    From the client's public ``metrics()`` (``connection-count``), which drops to 0 while
+    no broker answers.
+    """
+    metrics = consumer.metrics().get("consumer-metrics", {})
+    return metrics.get("connection-count", 1.0) > 0

@@ -86,7 +86,14 @@ class ServiceMetrics:
             "stream_dec_end_to_end_latency_seconds", "From the input record's timestamp to its label being acknowledged.",
             buckets=_E2E_BUCKETS, registry=r,
         )
-        self.lag = Gauge("stream_dec_consumer_lag_records", "Records behind the partition's high watermark.", ["partition"], registry=r)
+        self.lag = Gauge("stream_dec_consumer_lag_records", "Records behind the partition's high watermark (never below 0).", ["partition"], registry=r)
+        # The raw figures beside the clamped lag: a position past the high watermark (the
+        # log was truncated, recreated or restored empty) shows here, not as a lag of 0.
+        self.highwater = Gauge("stream_dec_input_highwater_offset", "High watermark of the input partition, as last fetched.", ["partition"], registry=r)
+        self.position = Gauge("stream_dec_input_position_offset", "Next offset the consumer fetches from the input partition.", ["partition"], registry=r)
+        self.offset_resets = Counter("stream_dec_offset_resets_total", "Input positions found outside the partition's log and reset by policy, by where they were (past_end, before_start).", ["where"], registry=r)
+        self.broker_up = Gauge("stream_dec_broker_up", "1 while the broker and the output topic answer, 0 during an outage.", registry=r)
+        self.outage_seconds = Counter("stream_dec_outage_seconds_total", "Seconds spent in broker or output-topic outages.", registry=r)
         self.assigned = Gauge("stream_dec_assigned_partitions", "Input partitions assigned to this instance (0: standby).", registry=r)
         self.churn = Gauge("stream_dec_churn_ratio", "Share of remembered items relabelled by the last update.", registry=r)
         self.centre_shift = Gauge("stream_dec_centre_shift_radii", "Mean centre movement of the last update, in cluster radii.", registry=r)
@@ -104,6 +111,8 @@ class ServiceMetrics:
         self.loop_last = Gauge("stream_dec_loop_last_iteration_timestamp_seconds", "Unix time of the last poll-loop iteration.", registry=r)
         self._ckpt_time = 0.0
         self.last_loop = 0.0
+        #: Why /healthz answers 503 while an outage lasts ("" when there is none).
+        self.outage_message = ""
 
     def checkpoint_written(self, seconds: float) -> None:
         """Record a successful checkpoint."""
@@ -144,6 +153,15 @@ class ServiceMetrics:
         for partition, behind in lag.items():
             self.lag.labels(str(partition)).set(behind)
 
+    def record_positions(self, positions: dict[int, tuple[int, int | None]]) -> None:
+        """``{partition: (position, highwater or None)}``: the raw figures and the clamped lag."""
+        for partition, (position, highwater) in positions.items():
+            label = str(partition)
+            self.position.labels(label).set(position)
+            if highwater is not None:
+                self.highwater.labels(label).set(highwater)
+                self.lag.labels(label).set(max(0, highwater - position))
+
     def loop_alive(self) -> None:
         """Mark one iteration of the poll loop."""
         self.last_loop = time.time()
@@ -151,7 +169,7 @@ class ServiceMetrics:
 
 
 class MetricsServer:
-    """``/metrics`` (Prometheus text format) and ``/healthz`` (200 while the loop is alive) over HTTP."""
+    """``/metrics`` (Prometheus text format) and ``/healthz`` (200 while the loop is alive and no outage lasts) over HTTP."""
 
     def __init__(self, metrics: ServiceMetrics, host: str, port: int, stale_after_s: float):
         self.metrics = metrics
@@ -165,8 +183,10 @@ class MetricsServer:
                 elif self.path.startswith("/healthz"):
                     age = time.time() - server.metrics.last_loop
                     alive = server.metrics.last_loop > 0 and age < server.stale_after_s
-                    body = (f"ok: loop iterated {age:.1f}s ago\n" if alive else f"stale: last loop iteration {age:.1f}s ago\n").encode()
-                    ctype, code = "text/plain; charset=utf-8", 200 if alive else 503
+                    outage = server.metrics.outage_message
+                    body = (f"{outage}\n" if outage else f"ok: loop iterated {age:.1f}s ago\n" if alive
+                            else f"stale: last loop iteration {age:.1f}s ago\n").encode()
+                    ctype, code = "text/plain; charset=utf-8", 200 if alive and not outage else 503
                 else:
                     body, ctype, code = b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8", 404
                 self.send_response(code)

@@ -35,7 +35,7 @@ EXIT_OFFSETS = 4
 # (docs/kafka-notes.md). kafka-python marks most of them ``retriable``; these are not.
 _OUTAGE_TYPES = (
     kerrors.KafkaTimeoutError,
-    kerrors.NoBrokersAvailable,
+    kerrors.InvalidProducerIdMappingError,
     kerrors.KafkaConnectionError,
     kerrors.UnknownProducerIdError,
     kerrors.OutOfOrderSequenceNumberError,
@@ -53,8 +53,8 @@ class OffsetsOutOfRangeError(RuntimeError):
 def is_outage(exc: BaseException) -> bool:
     """Whether ``exc`` is a Kafka error that a later try may cure.
 
-    >>> from kafka.errors import KafkaTimeoutError, RecordTooLargeError
-    >>> is_outage(KafkaTimeoutError()), is_outage(RecordTooLargeError()), is_outage(ValueError())
+    >>> from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+    >>> is_outage(KafkaTimeoutError()), is_outage(MessageSizeTooLargeError()), is_outage(ValueError())
     (True, False, False)
     """
     return isinstance(exc, _OUTAGE_TYPES) or (isinstance(exc, kerrors.KafkaError) and bool(getattr(exc, "retriable", False)))
@@ -94,12 +94,15 @@ class Outage:
         """Whether an outage is under way."""
         return self.since > 0
 
-    def failed(self, what: str, exc: BaseException | None = None) -> None:
-        """``what`` (e.g. ``"output topic 'labels'"``) failed; raises :class:`OutageError` once the outage is too old."""
+    def failed(self, what: str, exc: BaseException | None = None, began: float | None = None) -> None:
+        """``what`` (e.g. ``"output topic 'labels'"``) failed; raises :class:`OutageError` once the outage is too old.
+
+        ``began``: when the failed try started (``time.monotonic()``), if it was not now.
+        """
         now = time.monotonic()
         with self._lock:
             if not self.since:
-                self.since = self._counted = now
+                self.since = self._counted = min(now, began or now)
                 self.attempts = 0
                 log.warning("outage: %s unreachable on %s (%s); retrying for up to %.0f s",
                             what, self.brokers, _describe(exc), self.max_s)
@@ -141,12 +144,13 @@ class Outage:
     def retry(self, what: str, fn):
         """``fn()``, tried again after a backoff while it fails with an outage error; ends the outage on success."""
         while True:
+            began = time.monotonic()
             try:
                 result = fn()
             except Exception as exc:
                 if not is_outage(exc):
                     raise
-                self.failed(what, exc)
+                self.failed(what, exc, began)
                 self.backoff()
                 if self.stop.is_set():
                     raise OutageError(f"stopped while {what} was unreachable on {self.brokers}") from None

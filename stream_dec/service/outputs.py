@@ -19,6 +19,12 @@ Invariants:
   batches the group committed beyond the checkpoint are relearnt, never republished,
   until the first batch that was not committed.
 * :attr:`committed` is what the group has (or will have) for the offsets given last.
+* An outage (stream_dec/service/outage.py) is ridden out, never committed through:
+  at-least-once retries the outputs not acknowledged with a new producer (the old one
+  may be dead for good after a broker restart, docs/kafka-notes.md) until they are, or
+  until ``STREAM_DEC_KAFKA__MAX_OUTAGE_S`` ends the run (exit status 3); exactly-once
+  ends the run at the first failed transaction, which commits nothing, and the restart
+  waits for the broker.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from typing import Callable
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from stream_dec.service.clients import transactional_id
+from stream_dec.service.clients import CONNECT_TIMEOUT_S, make_output_producer, transactional_id
+from stream_dec.service.outage import Outage, OutageError, is_outage
 
 log = logging.getLogger("stream_dec.service")
 
@@ -48,12 +55,17 @@ class AtLeastOnceOutputs:
     #: Journal lines need no fsync: a lost line only makes a replay cut by size.
     durable_journal = False
 
-    def __init__(self, settings, producer, consumer: KafkaConsumer):
+    def __init__(self, settings, producer, consumer: KafkaConsumer, outage: Outage | None = None):
         self.settings = settings
         self.producer = producer
         self.consumer = consumer
+        #: Where outages are reported; None: a failed output raises at once.
+        self.outage = outage
         self.committed: dict[int, int] = {}
-        self._unacked: list = []  # futures of outputs sent and not yet acknowledged
+        self._unacked: list = []  # futures of outputs sent and not yet acknowledged (None: not sent)
+        self._sent: list = []  # (topic, key, value, headers, partition) of each, to send them again
+        self._broken: BaseException | None = None  # the outage error a send raised; later sends wait
+        self._failed = False  # the last delivery try failed: the next one starts with a new producer
 
     @classmethod
     def producer_overrides(cls, settings) -> dict:
@@ -78,12 +90,40 @@ class AtLeastOnceOutputs:
 
     def send(self, topic: str, *, key: bytes | None, value: bytes, headers=None, partition: int | None = None) -> None:
         """Send one output record; :meth:`await_acks` waits for it."""
-        self._unacked.append(self.producer.send(topic, key=key, value=value, headers=headers, partition=partition))
+        self._send_all([(topic, key, value, headers, partition)])
 
     def send_many(self, topic: str, keys: list, values: list, partitions: list) -> None:
         """Send one record per (key, value, partition): the assignments of a batch."""
-        send = self.producer.send
-        self._unacked.extend(send(topic, key=k, value=v, partition=p) for k, v, p in zip(keys, values, partitions))
+        self._send_all([(topic, k, v, None, p) for k, v, p in zip(keys, values, partitions)])
+
+    def partitions_for(self, topic: str) -> set[int]:
+        """The partitions of an output topic, waiting out an outage (its metadata may be unreachable)."""
+        if self.outage is None:
+            return self.producer.partitions_for(topic)
+        return self.outage.retry(f"output topic {topic!r}", lambda: self._partitions_for(topic))
+
+    def _partitions_for(self, topic: str) -> set[int]:
+        if self._failed:  # a producer that lost the broker may never recover (docs/kafka-notes.md)
+            self._reconnect()
+        self._failed = True
+        parts = self.producer.partitions_for(topic)
+        self._failed = False
+        return parts
+
+    def _send_all(self, args: list) -> None:
+        """Send each ``(topic, key, value, headers, partition)``; in an outage, keep them for the retry."""
+        self._sent.extend(args)
+        if self._broken is None:
+            send = self.producer.send
+            try:
+                for topic, key, value, headers, partition in args:
+                    self._unacked.append(send(topic, key=key, value=value, headers=headers, partition=partition))
+            except Exception as exc:
+                # Metadata out of reach (max_block_ms): every further send would block as long.
+                if self.outage is None or not is_outage(exc):
+                    raise
+                self._broken = exc
+        self._unacked.extend([None] * (len(self._sent) - len(self._unacked)))
 
     def open_batch(self) -> None:
         """A batch's outputs start."""
@@ -95,11 +135,40 @@ class AtLeastOnceOutputs:
         """
 
     def await_acks(self) -> None:
-        """Block until every output sent so far is acknowledged (raises if one was not)."""
+        """Block until every output sent so far is acknowledged.
+
+        In an outage the outputs not acknowledged are sent again by a new producer after
+        a backoff, until they are acknowledged or the outage is too old (OutageError).
+        Without an outage tracker, or for an error no retry cures, it raises at once.
+        """
         if not self._unacked:
             return
-        self.producer.flush()
+        if self.outage is None:
+            self.producer.flush()
+            self._get_all()
+            return
+        self.outage.retry(f"output topic {self.settings.kafka.output_topic!r}", self._deliver)
+
+    def _deliver(self) -> None:
+        """One try at getting every output acknowledged."""
+        if self._failed:
+            self._reconnect()
+        self._failed = True
+        if self._broken is not None:
+            exc, self._broken = self._broken, None
+            raise exc
+        self.producer.flush(timeout=ACK_TIMEOUT_S)
         self._get_all()
+        self._failed = False
+
+    def _reconnect(self) -> None:
+        """Replace the producer and send again every output it did not get acknowledged."""
+        self.producer.close(timeout=0)  # its unacknowledged records fail now; they are sent again below
+        self.producer = make_output_producer(self.settings, **self.producer_overrides(self.settings))
+        again = [a for a, f in zip(self._sent, self._unacked) if f is None or not f.succeeded()]
+        log.info("outage: new output producer; sending %d unacknowledged outputs again", len(again))
+        self._sent, self._unacked = [], []
+        self._send_all(again)
 
     def batch_done(self, offsets: dict[int, int]) -> None:
         """A batch is fully processed and acknowledged; ``offsets``: the model's next offsets."""
@@ -128,6 +197,7 @@ class AtLeastOnceOutputs:
         for f in self._unacked:
             f.get(timeout=ACK_TIMEOUT_S)  # raises if the broker did not take an output: nothing is committed then
         self._unacked.clear()
+        self._sent.clear()
 
 
 class ExactlyOnceOutputs(AtLeastOnceOutputs):
@@ -190,13 +260,28 @@ class ExactlyOnceOutputs(AtLeastOnceOutputs):
         """Publish the update's drift record, add the batch's offsets, commit the transaction.
 
         A failure (e.g. this producer was fenced by a newer instance) ends the run, and
-        the restart resumes from the checkpoint.
+        the restart resumes from the checkpoint. An outage ends it as :class:`OutageError`
+        (exit status 3): the transaction commits nothing, and the restart waits for the broker.
         """
         settle()
         topic = self.settings.kafka.input_topic
         offsets = {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in end.items()}
-        self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
-        self.producer.commit_transaction()
+        try:
+            if self._broken is not None:
+                raise self._broken
+            # kafka-python waits for a transaction's end without a deadline: the outputs are
+            # flushed first, with one, so a broker that is away is noticed here.
+            self.producer.flush(timeout=3 * CONNECT_TIMEOUT_S)
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+            self.producer.commit_transaction()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            if self.outage is not None:
+                self.outage.failed(f"output topic {self.settings.kafka.output_topic!r}", exc)
+            raise OutageError(f"exactly-once: the transaction of the batch ending at {end} did not commit "
+                              f"({type(exc).__name__}: {exc}); nothing of it is visible, and the restart resumes "
+                              f"from the checkpoint once {self.settings.kafka.bootstrap_servers} answers") from exc
 
     def await_acks(self) -> None:
         """The committed transaction flushed everything: only collect the acknowledgements."""

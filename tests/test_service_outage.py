@@ -1,0 +1,152 @@
+"""Outages against real brokers and processes: no broker at start, a broker restarted empty, outputs across a restart.
+
+The embedded broker keeps its log in memory, so a broker stopped and started again on
+the same port comes back empty: the service's checkpoint offsets then lie past the end
+of the log (docs/kafka-notes.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from kafka_helpers import consume, run_in_thread, send_items, service_settings, setup_stream, wait_for
+
+from stream_dec.io.broker import EmbeddedBroker, free_port
+from stream_dec.service.outage import EXIT_OUTAGE, Outage
+
+
+@pytest.fixture
+def own_broker():
+    """A broker this test may stop and start again (same port, empty storage), also from another thread."""
+    with EmbeddedBroker(die_with_parent=False) as b:
+        yield b
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def _sample(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _items(X, prefix: str):
+    return [(f"{prefix}{i}", X[i]) for i in range(len(X))]
+
+
+def test_unreachable_broker_at_start_waits_with_503_then_exits_3_with_one_line(blobs, tmp_path):
+    from stream_dec import StreamDEC
+    from tests.conftest import FAST
+
+    ckpt = tmp_path / "ckpt"
+    StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"]).save(ckpt)
+    port, metrics_port = free_port(), free_port()
+    env = dict(os.environ, STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", STREAM_DEC_KAFKA__INPUT_TOPIC="in-x",
+               STREAM_DEC_CHECKPOINT__DIR=str(ckpt), STREAM_DEC_METRICS__PORT=str(metrics_port),
+               STREAM_DEC_KAFKA__MAX_OUTAGE_S="11", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "stream_dec.cli", "run"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        # Between the first failed try and the give-up /healthz names the outage.
+        seen = wait_for(lambda: _get(f"http://127.0.0.1:{metrics_port}/healthz")[1].startswith("outage:"), timeout_s=60)
+        health = _get(f"http://127.0.0.1:{metrics_port}/healthz")
+        metrics = _get(f"http://127.0.0.1:{metrics_port}/metrics")[1]
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert seen and health[0] == 503, health
+    assert f"127.0.0.1:{port}" in health[1]
+    assert _sample(metrics, "stream_dec_broker_up") == 0.0
+    assert proc.returncode == EXIT_OUTAGE, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stream-dec run: error: giving up: broker (input topic 'in-x') unreachable on 127.0.0.1:"), last
+    assert "STREAM_DEC_KAFKA__MAX_OUTAGE_S=11" in last
+
+
+def test_broker_restarted_empty_mid_stream_resets_to_the_log_start_and_labels_what_comes(own_broker, blobs, tmp_path):
+    broker, tag = own_broker, "reset"
+    ckpt = setup_stream(broker, blobs, tmp_path, tag)
+    X = blobs["X"]
+    settings = service_settings(broker, ckpt, tag, metrics_port=free_port(), interval=1)
+    from stream_dec.service import StreamService
+
+    svc = StreamService(settings)
+    t = run_in_thread(svc, idle=None)
+    try:
+        send_items(broker, f"in-{tag}", _items(X[:300], "old-"))
+        assert wait_for(lambda: svc.offsets.get(0) == 300, timeout_s=90), svc.offsets
+        base = f"http://127.0.0.1:{svc.server.port}"
+
+        broker.stop()
+        broker.start()  # same port, empty log: the service's position 300 is past its end
+        broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
+        send_items(broker, f"in-{tag}", _items(X[300:500], "new-"))
+
+        out = consume(broker.bootstrap_servers, f"out-{tag}", 200, timeout_s=120)
+        ids = {json.loads(r.value)["id"] for r in out if json.loads(r.value)["kind"] == "assignment"}
+        assert ids == {f"new-{i}" for i in range(200)}
+        assert wait_for(lambda: svc.offsets.get(0) == 200, timeout_s=30), svc.offsets
+        metrics = _get(f"{base}/metrics")[1]
+        assert _sample(metrics, 'stream_dec_offset_resets_total{where="past_end"}') == 1.0
+        assert _sample(metrics, 'stream_dec_input_position_offset{partition="0"}') == 200.0
+        assert _sample(metrics, 'stream_dec_input_highwater_offset{partition="0"}') == 200.0
+        assert _get(f"{base}/healthz")[0] == 200
+    finally:
+        svc.stop()
+        t.join(60)
+    assert not t.is_alive()
+    # The reset was checkpointed: a restart resumes in the new log, not at offset 300.
+    from stream_dec.service.checkpointer import checkpoint_offsets, read_newest
+
+    assert checkpoint_offsets(read_newest(settings), f"in-{tag}") == {0: 200}
+
+
+def test_outputs_sent_before_a_broker_restart_are_sent_again_by_a_new_producer(own_broker, tmp_path):
+    """The old idempotent producer cannot deliver after a restart; the retry replaces it and loses nothing."""
+    from stream_dec.service.clients import make_output_producer
+    from stream_dec.service.metrics import ServiceMetrics
+    from stream_dec.service.outputs import AtLeastOnceOutputs
+
+    broker, tag = own_broker, "acks"
+    broker.create_topics([f"out-{tag}"])
+    settings = service_settings(broker, tmp_path, tag, kafka__max_outage_s=100, kafka__retry_backoff_ms=200)
+    metrics = ServiceMetrics()
+    outage = Outage(settings, metrics)
+    outputs = AtLeastOnceOutputs(settings, make_output_producer(settings), None, outage=outage)
+    outputs.partitions_for(f"out-{tag}")  # metadata cached: sends are queued while the broker is away
+    broker.stop()
+    outputs.send_many(f"out-{tag}", [b"k%d" % i for i in range(50)], [b"v%d" % i for i in range(50)], [0] * 50)
+
+    def come_back():
+        time.sleep(3)
+        broker.start()
+        broker.create_topics([f"out-{tag}"])
+
+    back = threading.Thread(target=come_back)
+    back.start()
+    outputs.await_acks()
+    back.join()
+    outputs.producer.close()
+    got = consume(broker.bootstrap_servers, f"out-{tag}", 50, timeout_s=30)
+    assert sorted({r.value for r in got}) == sorted(b"v%d" % i for i in range(50))
+    assert not outage.active and metrics.broker_up._value.get() == 1
+    assert metrics.outage_seconds._value.get() >= 3
