@@ -51,8 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from kafka import TopicPartition
-
 from kafka.errors import OffsetOutOfRangeError
+
 from stream_dec.io.codecs import decode_batch, encode_assignments, encode_drift
 from stream_dec.io.partitioner import default_partitions
 from stream_dec.service.batcher import Batch, Batcher
@@ -69,36 +69,36 @@ from stream_dec.service.fencing import Fenced, FenceMetrics, OwnerLease, instanc
 from stream_dec.service.clients import (
     AllToOneAssignor,
     RebalanceListener,
+    CONNECT_TIMEOUT_S,
+    broker_connected,
     highwater_lag,
     make_consumer,
     make_output_producer,
+    positions,
     transactional_id,
-    CONNECT_TIMEOUT_S,
-    broker_connected,
 )
 from stream_dec.service.deadletters import DeadLetters
 from stream_dec.service.hooks import BatchInfo, ServiceHooks
-    positions,
 from stream_dec.service.journal import JOURNAL, Journal
 from stream_dec.service.learner import Learner
 from stream_dec.service.metrics import MetricsServer, ServiceMetrics
+from stream_dec.service.outage import OffsetsOutOfRangeError, Outage
 from stream_dec.service.outputs import OUTPUTS
 from stream_dec.service.progress import Progress
 from stream_dec.settings import Settings
 
-from stream_dec.service.outage import OffsetsOutOfRangeError, Outage
 __all__ = ["AllToOneAssignor", "NoCheckpointError", "StreamService"]
 
 log = logging.getLogger("stream_dec.service")
 
 #: Longest single poll: the loop checks for stop and idleness at least this often.
 MAX_POLL_MS = 200
+#: Longest gap between two exports of the positions (and checks of the broker) while no records arrive.
+WATCH_EVERY_S = 0.5
 #: Key of the drift records on the output topic.
 DRIFT_KEY = b"__drift__"
 
 
-#: Longest gap between two exports of the positions (and checks of the broker) while no records arrive.
-WATCH_EVERY_S = 0.5
 class StreamService:
     """One running instance of ``stream-dec run``.
 
@@ -137,16 +137,16 @@ class StreamService:
         # Batch processing happens on the loop's thread only (the rebalance callbacks just
         # record events, see _on_assigned); re-entrant for the handlers that drain within it.
         self._lock = threading.RLock()
+        self.outage = Outage(settings, self.metrics, self._stop)
+        self._check_log_starts = False  # compare positions with the log's start at the next poll
+        self._watched = 0.0  # monotonic time positions were last exported
+        self._unconnected = 0  # broker checks in a row that found no open connection
         self.metrics.record_model(self.model)
         self._init_fencing()
 
     def _init_fencing(self) -> None:
         """State of the ownership: epoch, rebalance events, batches held back by a directory failure."""
         self.fence_metrics = FenceMetrics(self.metrics.registry)
-        self.outage = Outage(settings, self.metrics, self._stop)
-        self._check_log_starts = False  # compare positions with the log's start at the next poll
-        self._watched = 0.0  # monotonic time positions were last exported
-        self._unconnected = 0  # broker checks in a row that found no open connection
         self.checkpointer.written_by = checkpoint_owner(self.model)  # the state in memory is this checkpoint's
         self._epoch: int | None = None  # owner epoch held (fencing.py); None: not the owner
         self._events: collections.deque = collections.deque()  # (kind, partitions) recorded by the listener
@@ -298,12 +298,6 @@ class StreamService:
         if self.outputs is not None:
             self.outputs.forget_published()
 
-    # ------------------------------------------------------------ one batch
-    def _process(self, batch: Batch) -> None:
-        """Label, start learning, publish; record the offsets once the outputs are acknowledged."""
-        clock = _Stopwatch()
-        records = batch.records
-        k = self.settings.kafka
     # ------------------------------------------------------------ positions and outages
     @property
     def producer(self):
@@ -397,6 +391,12 @@ class StreamService:
             self.outputs.forget_published()
             self.checkpoint()
 
+    # ------------------------------------------------------------ one batch
+    def _process(self, batch: Batch) -> None:
+        """Label, start learning, publish; record the offsets once the outputs are acknowledged."""
+        clock = _Stopwatch()
+        records = batch.records
+        k = self.settings.kafka
         decoded = decode_batch([(r.key, r.value, r.headers) for r in records], dim=self.model.n_features_in_,
                                max_bytes=k.max_record_bytes, max_key_bytes=k.max_key_bytes, max_id_bytes=k.max_id_bytes)
         clock.lap("decode")
@@ -677,13 +677,13 @@ class StreamService:
 
     def _assigned(self, partitions: list[TopicPartition]) -> None:
         self.metrics.assigned.set(len(partitions))
+        self._check_log_starts = bool(partitions)  # a blocking call: done on the loop's thread
         self._owns = bool(partitions)
         self._last_activity = time.monotonic()
         self._lost.clear()
         self._refused.clear()
         _drop_pending(self.batcher)  # polled before the seek below: maybe from the group's committed offsets
         self._held = None
-        self._check_log_starts = bool(partitions)  # a blocking call: done on the loop's thread
         if not partitions:
             log.info("standby: another instance of group %s owns the input partitions", self.settings.kafka.group_id)
             return
