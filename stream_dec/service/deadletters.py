@@ -93,9 +93,10 @@ class DeadLetters:
         """Send the dead letter of each ``(position, DecodeError)`` of ``failures`` among ``records``."""
         k = self.settings.kafka
         refused: list[tuple[str, Exception]] = []
+        timed_out: KafkaTimeoutError | None = None
         for pos, err in failures:
-            if refused and isinstance(refused[0][1], KafkaTimeoutError):
-                refused.append((err.reason, refused[0][1]))  # the DLQ topic is not there: do not wait again
+            if timed_out is not None:  # the DLQ topic's metadata did not come: do not wait again
+                refused.append((err.reason, timed_out))
                 continue
             r = records[pos]
             dl = dead_letter(err, r.key, r.value, r.headers, r.topic, r.partition, r.offset, max_key_bytes=k.max_key_bytes,
@@ -104,6 +105,8 @@ class DeadLetters:
                 self._unacked.append((self.producer.send(k.dlq_topic, key=dl.key, value=dl.value, headers=dl.headers), err.reason))
             except (KafkaError, TypeError, ValueError) as exc:  # every error send() documents
                 refused.append((err.reason, exc))
+                if isinstance(exc, KafkaTimeoutError):
+                    timed_out = exc
         self._give_up(refused)
 
     def await_acks(self) -> None:
