@@ -12,7 +12,8 @@ Invariants:
   acknowledged within :data:`ACK_TIMEOUT_S` -- is logged, counted in
   ``stream_dec_dlq_send_failures_total{reason}`` and skipped. It never ends the run and
   never holds the batch's offsets back: the record is then neither labelled nor in the
-  DLQ, and the counter (alert ``StreamDecDeadLetterSendFailing``) is the only trace.
+  DLQ, and its ERROR log line and the counter (alert ``StreamDecDeadLetterSendFailing``)
+  are the only trace.
 * Dead letters leave through their own producer, neither idempotent nor transactional:
   kafka-python's idempotent producer turns one refused record into a fatal state that
   fails every later send, which on the output producer would fail the assignments too.
