@@ -16,7 +16,6 @@ import time
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pytest
 from kafka_helpers import consume, run_in_thread, send_items, service_settings, setup_stream, wait_for
 
@@ -150,3 +149,39 @@ def test_outputs_sent_before_a_broker_restart_are_sent_again_by_a_new_producer(o
     assert sorted({r.value for r in got}) == sorted(b"v%d" % i for i in range(50))
     assert not outage.active and metrics.broker_up._value.get() == 1
     assert metrics.outage_seconds._value.get() >= 3
+
+
+def test_checkpoint_past_the_log_end_exits_4_under_policy_fail_and_resumes_at_the_start_under_earliest(blobs, tmp_path):
+    """A checkpoint from a broker that is gone: `fail` stops with status 4 and a message; `earliest` labels the new log."""
+    tag, X = "policy", blobs["X"]
+    with EmbeddedBroker() as old:
+        ckpt = setup_stream(old, blobs, tmp_path, tag)
+        from stream_dec.service import StreamService
+
+        svc = StreamService(service_settings(old, ckpt, tag))
+        t = run_in_thread(svc, idle=None)
+        send_items(old, f"in-{tag}", _items(X[:100], "old-"))
+        assert wait_for(lambda: svc.offsets.get(0) == 100, timeout_s=90), svc.offsets
+        svc.stop()
+        t.join(60)
+    with EmbeddedBroker() as new:  # the checkpoint says offset 100; this log holds 10 records
+        new.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
+        send_items(new, f"in-{tag}", _items(X[100:110], "new-"))
+        env = dict(os.environ, STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS=new.bootstrap_servers, STREAM_DEC_KAFKA__GROUP_ID=f"g-{tag}",
+                   STREAM_DEC_KAFKA__INPUT_TOPIC=f"in-{tag}", STREAM_DEC_KAFKA__OUTPUT_TOPIC=f"out-{tag}",
+                   STREAM_DEC_KAFKA__DLQ_TOPIC=f"dlq-{tag}", STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS="3000",
+                   STREAM_DEC_KAFKA__HEARTBEAT_INTERVAL_MS="500", STREAM_DEC_CHECKPOINT__DIR=str(ckpt),
+                   STREAM_DEC_METRICS__PORT="0", OMP_NUM_THREADS="1")
+        run = [sys.executable, "-m", "stream_dec.cli", "run", "--exit-when-idle", "5"]
+        failed = subprocess.run(run, env=dict(env, STREAM_DEC_KAFKA__OFFSET_RESET_POLICY="fail"), capture_output=True,
+                                text=True, timeout=180)
+        assert failed.returncode == 4, failed.stderr[-2000:]
+        assert "Traceback" not in failed.stderr
+        last = failed.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"stream-dec run: error: input positions outside the log of 'in-{tag}': partition 0 at 100 (past end 10)"), last
+        ok = subprocess.run(run, env=env, capture_output=True, text=True, timeout=180)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        assert "policy earliest: resuming at the log's start 0" in ok.stderr
+        out = consume(new.bootstrap_servers, f"out-{tag}", 10, timeout_s=30)
+        ids = {json.loads(r.value)["id"] for r in out if json.loads(r.value)["kind"] == "assignment"}
+        assert ids == {f"new-{i}" for i in range(10)}
