@@ -206,8 +206,8 @@ class ExactlyOnceOutputs(AtLeastOnceOutputs):
     #: Journal lines are fsynced: a restart relearns committed batches at exactly these boundaries.
     durable_journal = True
 
-    def __init__(self, settings, producer, consumer: KafkaConsumer):
-        super().__init__(settings, producer, consumer)
+    def __init__(self, settings, producer, consumer: KafkaConsumer, outage: Outage | None = None):
+        super().__init__(settings, producer, consumer, outage)
         self._read_commits = False  # look up the group's commits at the next poll
         self._published: dict[int, int] = {}  # offsets below which outputs are committed already
 
