@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -210,3 +211,115 @@ def test_exactly_once_restart_relearns_committed_batches_without_publishing_them
     # The committed batches were learnt again before the new ones were labelled: the
     # model's version continues where the killed instance left it.
     assert min(a["model_version"] for a in labels[len(first):]) > max(a["model_version"] for a in before)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metric(port: int, name: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def _block_checkpoints(ckpt, on: bool) -> None:
+    """Make every checkpoint write fail (a directory where the next files would be renamed to), or stop it."""
+    from stream_dec.checkpoint import checkpoint_files
+
+    if on:
+        newest = int(checkpoint_files(ckpt)[0].name[5:17])
+        for v in range(newest + 1, newest + 3000):
+            (ckpt / f"ckpt-{v:012d}.sdec").mkdir()
+    else:
+        for p in ckpt.glob("ckpt-*.sdec"):
+            if p.is_dir():
+                p.rmdir()
+
+
+def test_a_failing_checkpoint_dir_loses_nothing_and_a_kill_then_replays_exactly(broker, blobs, tmp_path):
+    """Checkpoint writes fail, then the whole directory is gone, then kill -9: no gap, exact duplicates.
+
+    Updates are cut by a tiny time budget, so the replay is exact only because it redoes
+    the journaled plans.
+    """
+    tag = "dirfail"
+    broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
+    ckpt = tmp_path / "ckpt"
+    StreamDEC(n_clusters=5, random_state=0, centre_rule="dec", **FAST).fit(blobs["X"]).save(ckpt)
+    port = _free_port()
+    env = _env(broker, tag, ckpt)
+    env.update(STREAM_DEC_METRICS__PORT=str(port), STREAM_DEC_UPDATE__MAX_STEPS="100000", STREAM_DEC_UPDATE__MAX_MS="3")
+    rng = np.random.default_rng(3)
+    X = np.concatenate([blobs["X"], blobs["X_new"]])
+    items = [(f"d-{i}", X[i % len(X)] + 0.05 * rng.standard_normal(X.shape[1])) for i in range(3000)]
+    # 100 records a second for 30 s: the phases below happen while records flow.
+    sender = threading.Thread(target=lambda: [send_items(broker, f"in-{tag}", items[i:i + 50]) or time.sleep(0.5)
+                                              for i in range(0, len(items), 50)], daemon=True)
+    log = open(tmp_path / "service.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "stream_dec.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        sender.start()
+        _until(lambda: _count_outputs(broker, tag) >= 300, proc, "no outputs")
+        # 1. Checkpoint writes fail; batches go on (the journal grows) and the write is retried.
+        _block_checkpoints(ckpt, True)
+        _until(lambda: _metric(port, "stream_dec_checkpoint_failures_total") >= 2, proc, "no checkpoint failure counted")
+        _block_checkpoints(ckpt, False)
+        written = _metric(port, "stream_dec_checkpoint_last_success_timestamp_seconds")
+        _until(lambda: _metric(port, "stream_dec_checkpoint_last_success_timestamp_seconds") > written, proc, "no checkpoint after the failure")
+        # 2. The whole directory is gone: no journal line can be written, so nothing is published.
+        away = tmp_path / "ckpt.away"
+        ckpt.rename(away)
+        ckpt.write_text("not a directory")
+        _until(lambda: _metric(port, "stream_dec_journal_failures_total") >= 2, proc, "no journal failure counted")
+        held = _count_outputs(broker, tag)
+        time.sleep(1.5)
+        assert _count_outputs(broker, tag) == held  # held back, not published without a journal line
+        ckpt.unlink()
+        away.rename(ckpt)
+        _until(lambda: _count_outputs(broker, tag) > held + 100, proc, "no outputs after the directory came back")
+        # 3. Checkpoints fail again, then kill -9: the restart replays everything since the last good one.
+        failures = _metric(port, "stream_dec_checkpoint_failures_total")
+        _block_checkpoints(ckpt, True)
+        _until(lambda: _metric(port, "stream_dec_checkpoint_failures_total") > failures, proc, "no second checkpoint failure")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert _count_outputs(broker, tag) < len(items), "killed too late to test recovery"
+        _block_checkpoints(ckpt, False)
+        from stream_dec.service.journal import JOURNAL, Journal
+
+        plans = [line.fields.get("plan") for line in Journal(ckpt / JOURNAL, base=0).lines()]
+        assert plans and all(plans) and any(p["steps_cut"] for p in plans)  # the clock cut the updates to replay
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    sender.join(timeout=60)
+    restarted = _start(env, "--exit-when-idle", "3")
+    _, err = restarted.communicate(timeout=180)
+    assert restarted.returncode == 0, err[-3000:]
+
+    labels = _assignments(broker, tag, _count_outputs(broker, tag))
+    by_id: dict[str, list[dict]] = {}
+    for a in labels:
+        by_id.setdefault(a["id"], []).append(a)
+    assert set(by_id) == {i for i, _ in items}  # no gap
+    assert sorted({a["offset"] for a in labels}) == list(range(len(items)))
+    dupes = [v for v in by_id.values() if len(v) > 1]
+    assert dupes, "the kill after failed checkpoints must leave journaled batches to replay"
+    key = ("cluster", "confidence", "model_version", "offset")
+    assert all(tuple(c[k] for k in key) == tuple(v[0][k] for k in key) for v in dupes for c in v)
+    print(f"\ncheckpoint dir failures: {len(items)} records, {len(labels)} assignments, {len(dupes)} replayed ids, all exact copies")
+
+
+def _until(cond, proc, what, timeout_s=90):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert proc.poll() is None, f"{what}: the service exited"
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
