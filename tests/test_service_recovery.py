@@ -274,9 +274,10 @@ def test_a_failing_checkpoint_dir_loses_nothing_and_a_kill_then_replays_exactly(
         _until(lambda: _metric(port, "stream_dec_checkpoint_last_success_timestamp_seconds") > written, proc, "no checkpoint after the failure")
         # 2. The whole directory is gone: no journal line can be written, so nothing is published.
         away = tmp_path / "ckpt.away"
+        failures = _metric(port, "stream_dec_checkpoint_failures_total")
         ckpt.rename(away)
         ckpt.write_text("not a directory")
-        _until(lambda: _metric(port, "stream_dec_journal_failures_total") >= 2, proc, "no journal failure counted")
+        _until(lambda: _metric(port, "stream_dec_checkpoint_failures_total") >= failures + 2, proc, "no journal failure counted")
         held = _count_outputs(broker, tag)
         time.sleep(1.5)
         assert _count_outputs(broker, tag) == held  # held back, not published without a journal line
