@@ -33,8 +33,15 @@ Invariants (the rooms' docstrings hold their own):
   re-read after a crash form the same batches and get the same labels.
 * Every batch is labelled by the model that learnt from all batches before it (predict
   waits for the previous update), so the labels do not depend on timing.
-* One lock serialises batch processing on the loop's thread with the rebalance callbacks
-  that kafka-python 3 runs on its IO thread at any time.
+* The rebalance callbacks (kafka-python 3 runs them on its IO thread, which also sends
+  the heartbeats) only record what happened; the loop's thread acts on it between batches.
+* Only the newest owner writes (fencing.py): an assignment claims an owner epoch, and
+  journal lines, update plans and checkpoints are written under it. An instance whose
+  partitions were lost, whose session expired or that finds a newer epoch publishes,
+  journals, checkpoints and commits nothing more, and stands by; when it gets the
+  partitions again it resumes from the newest checkpoint, not from its memory.
+* A batch's outputs leave only once its journal line is written: while the checkpoint
+  directory fails, the batch waits (retried with backoff) rather than leave unreplayable.
 * One model per consumer group: the assignor gives every input partition to one member;
   the others stand by and take over from the newest checkpoint when the owner leaves.
 """
@@ -591,6 +598,9 @@ class StreamService:
 
     def _process_ready(self) -> None:
         """Process the batches that are ready (a held one first), then publish a finished update's drift record."""
+        if not self._owns:  # records polled before a revocation or a fence took effect
+            _drop_pending(self.batcher)
+            return
         if time.monotonic() < self._retry_at:
             return
         while (batch := self._held or self.batcher.cut(self.offsets)) is not None:
@@ -606,7 +616,7 @@ class StreamService:
 
     def _dir_failed(self, exc: OSError) -> None:
         """The checkpoint directory refused a journal or lease write: count, log, back off."""
-        self.fence_metrics.journal_failures.inc()
+        self.metrics.ckpt_failures.inc()  # a write to the checkpoint directory, alerted like a checkpoint's
         self._backoff_s = min(5.0, max(0.1, 2 * self._backoff_s))
         self._retry_at = time.monotonic() + self._backoff_s
         log.error("checkpoint directory %s unusable (%s); nothing is published until the journal can be written, "
@@ -650,6 +660,8 @@ class StreamService:
         self._owns = False
         self._epoch = None
         self._held = None
+        if self.consumer is not None:  # fetch nothing more until the group assigns the partitions again
+            self.consumer.pause(*self.consumer.assignment())
         self.metrics.assigned.set(0)
         self.fence_metrics.epoch.set(0)
         _drop_pending(self.batcher)
@@ -673,7 +685,8 @@ class StreamService:
 
     def _checkpoint_fenced(self, exc: Fenced) -> None:
         """The checkpoint thread found a newer epoch (runs there): the loop drops at its next check."""
-        self._refused.set()
+        if exc.reason == "lease":
+            self._refused.set()
 
     def _assigned(self, partitions: list[TopicPartition]) -> None:
         self.metrics.assigned.set(len(partitions))
