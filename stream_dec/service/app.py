@@ -399,8 +399,12 @@ class StreamService:
             self.checkpoint()
 
     # ------------------------------------------------------------ one batch
-    def _process(self, batch: Batch) -> None:
-        """Label, start learning, publish; record the offsets once the outputs are acknowledged."""
+    def _process(self, batch: Batch) -> bool | None:
+        """Label, start learning, publish; record the offsets once the outputs are acknowledged.
+
+        False when the batch was not processed: held back (its journal line or the previous
+        update's plan could not be written; retried) or dropped (this instance is fenced).
+        """
         clock = _Stopwatch()
         records = batch.records
         k = self.settings.kafka
