@@ -185,3 +185,55 @@ def test_checkpoint_past_the_log_end_exits_4_under_policy_fail_and_resumes_at_th
         out = consume(new.bootstrap_servers, f"out-{tag}", 10, timeout_s=30)
         ids = {json.loads(r.value)["id"] for r in out if json.loads(r.value)["kind"] == "assignment"}
         assert ids == {f"new-{i}" for i in range(10)}
+
+
+def test_dead_letters_held_up_by_a_broker_restart_are_sent_again_not_skipped(own_broker, tmp_path, monkeypatch):
+    """An outage longer than the producer's own delivery timeout is waited out for dead letters too.
+
+    None is counted as refused, and all arrive once the broker is back. (The delivery
+    timeout is cut to 2 s here so that the outage outlasts it quickly.)
+    """
+    from kafka_helpers import consumer_record
+
+    from stream_dec.io.codecs import decode_batch
+    from stream_dec.service import deadletters
+    from stream_dec.service.deadletters import DeadLetters
+    from stream_dec.service.metrics import ServiceMetrics
+
+    monkeypatch.setattr(deadletters, "ACK_TIMEOUT_S", 2)
+    monkeypatch.setattr(deadletters, "TIMEOUT_S", 1)
+
+    broker, tag = own_broker, "dlq-outage"
+    broker.create_topics([f"dlq-{tag}"])
+    settings = service_settings(broker, tmp_path, tag, kafka__max_outage_s=100, kafka__retry_backoff_ms=200)
+    metrics = ServiceMetrics()
+    outage = Outage(settings, metrics)
+    dead = DeadLetters(settings, metrics)
+    dead.start(outage, broker_up=lambda: broker.is_running)
+    records = [consumer_record(0, i, key=b"bad-%d" % i, value=b"{not json %d" % i) for i in range(6)]
+    failures = decode_batch([(r.key, r.value, r.headers) for r in records], dim=4).failures
+    assert len(failures) == 6
+    dead.send(records[:1], failures[:1])  # the DLQ topic's metadata is cached before the outage
+    dead.await_acks()
+    broker.stop()
+    dead.send(records, [(pos, err) for pos, err in failures if pos > 0])
+
+    def come_back():
+        time.sleep(6)
+        broker.start()
+        broker.create_topics([f"dlq-{tag}"])
+
+    back = threading.Thread(target=come_back)
+    back.start()
+    dead.await_acks()
+    back.join()
+    dead.close()
+    assert sum(dead.failed.values()) == 0 and dead.delivered["bad_json"] == 6
+    got = consume(broker.bootstrap_servers, f"dlq-{tag}", 5, timeout_s=30)
+    # The restarted broker kept none of the first. A dead letter sent by the old producer
+    # and again by the new one is at-least-once: a duplicate is an exact copy.
+    assert sorted({r.key for r in got}) == [b"bad-%d" % i for i in range(1, 6)]
+    copies = {}
+    for r in got:
+        assert copies.setdefault(r.key, (r.value, r.headers)) == (r.value, r.headers)
+    assert not outage.active and metrics.outage_seconds._value.get() >= 3

@@ -259,7 +259,7 @@ class StreamService:
         self.outputs = self._outputs_class(self.settings, producer, self.consumer, outage=self.outage)
         self.outage.retry(f"output topic {k.output_topic!r}", self.outputs.start)
         self.outputs.partitions_for(k.output_topic)  # reachable before any input is read
-        self.dead_letters.start()
+        self.dead_letters.start(self.outage, broker_up=lambda: broker_connected(self.consumer))
         self.consumer.subscribe([self.settings.kafka.input_topic], listener=RebalanceListener(self._on_assigned, self._on_revoked, self._on_lost))
 
     def _poll(self) -> int:

@@ -7,9 +7,14 @@ tombstones with or without a key, keys and values of any size), bounded by the
 
 Invariants:
 
-* A dead letter that still cannot be delivered -- refused by ``send`` or by the broker
-  (the DLQ topic's ``max.message.bytes`` or ACLs, a topic that cannot be created), or not
-  acknowledged within :data:`ACK_TIMEOUT_S` -- is logged, counted in
+* An outage is not a refusal: when a dead letter fails while the broker itself is out
+  of reach (the service's consumer holds no connection), the dead letters not
+  acknowledged are sent again by a new producer after a backoff, like the assignments
+  (stream_dec/service/outage.py), until they are acknowledged or the outage outlasts
+  ``max_outage_s`` (exit 3, nothing committed, so the restart sends them again).
+* A dead letter that still cannot be delivered while the broker answers -- refused by
+  ``send`` or by the broker (the DLQ topic's ``max.message.bytes`` or ACLs, a topic that
+  cannot be created), or not acknowledged within :data:`ACK_TIMEOUT_S` -- is logged, counted in
   ``stream_dec_dlq_send_failures_total{reason}`` and skipped. It never ends the run and
   never holds the batch's offsets back: the record is then neither labelled nor in the
   DLQ, and its ERROR log line and the counter (alert ``StreamDecDeadLetterSendFailing``)
@@ -30,11 +35,14 @@ import collections
 import logging
 import time
 
+from typing import Callable
+
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 
-from stream_dec.io.codecs import REASONS, dead_letter, dead_letter_max_bytes
+from stream_dec.io.codecs import REASONS, DeadLetter, dead_letter, dead_letter_max_bytes
 from stream_dec.io.producer import max_request_size, producer_config
+from stream_dec.service.outage import Outage, is_outage
 
 log = logging.getLogger("stream_dec.service")
 
@@ -84,11 +92,26 @@ class DeadLetters:
         self.producer: KafkaProducer | None = None
         self.delivered: collections.Counter[str] = collections.Counter()
         self.failed: collections.Counter[str] = collections.Counter()
-        self._unacked: list = []  # (future, reason) of the dead letters sent and not yet acknowledged
+        # (future or None, reason, dead letter) of the dead letters sent and not yet
+        # acknowledged; None: send() itself failed in an outage, to be sent again.
+        self._unacked: list = []
+        self.outage: Outage | None = None
+        self._broker_up: Callable[[], bool] = lambda: True
 
-    def start(self) -> None:
-        """Build the producer (once, with the service's other clients)."""
+    def start(self, outage: Outage | None = None, broker_up: Callable[[], bool] | None = None) -> None:
+        """Build the producer (once, with the service's other clients).
+
+        ``outage`` and ``broker_up`` (whether the broker answers at all) let an outage be
+        waited out instead of skipping the dead letters it holds up.
+        """
+        self.outage = outage
+        if broker_up is not None:
+            self._broker_up = broker_up
         self.producer = KafkaProducer(**dlq_producer_config(self.settings))
+
+    def _in_outage(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the broker being away (wait for it) rather than a refusal (skip)."""
+        return self.outage is not None and is_outage(exc) and not self._broker_up()
 
     def send(self, records: list, failures: list) -> None:
         """Send the dead letter of each ``(position, DecodeError)`` of ``failures`` among ``records``."""
@@ -103,33 +126,73 @@ class DeadLetters:
             dl = dead_letter(err, r.key, r.value, r.headers, r.topic, r.partition, r.offset, max_key_bytes=k.max_key_bytes,
                              max_value_bytes=k.dlq_max_value_bytes, max_header_bytes=k.dlq_max_header_bytes)
             try:
-                self._unacked.append((self.producer.send(k.dlq_topic, key=dl.key, value=dl.value, headers=dl.headers), err.reason))
+                self._unacked.append((self._send(dl), err.reason, dl))
             except (KafkaError, TypeError, ValueError) as exc:  # every error send() documents
+                if self._in_outage(exc):
+                    self._unacked.append((None, err.reason, dl))
+                    continue
                 refused.append((err.reason, exc))
                 if isinstance(exc, KafkaTimeoutError):
                     timed_out = exc
         self._give_up(refused)
 
+    def _send(self, dl: DeadLetter):
+        return self.producer.send(self.settings.kafka.dlq_topic, key=dl.key, value=dl.value, headers=dl.headers)
+
     def await_acks(self) -> None:
         """Wait for every dead letter sent so far; count each as delivered or given up. Never raises."""
         if not self._unacked:
             return
+        waiting = self._collect()
+        if waiting:
+            log.warning("outage: %d dead letter(s) wait for the broker", len(waiting))
+            self._unacked = waiting
+            self.outage.retry(f"dead-letter topic {self.settings.kafka.dlq_topic!r}", self._resend)
+
+    def _collect(self) -> list:
+        """Count what was acknowledged or refused; return what an outage holds up."""
         deadline = time.monotonic() + ACK_TIMEOUT_S
         try:
             self.producer.flush(timeout=ACK_TIMEOUT_S)
         except KafkaTimeoutError:
-            pass  # the futures still pending are given up below
-        refused = []
-        for future, reason in self._unacked:
+            pass  # the futures still pending are judged below
+        refused, waiting = [], []
+        for future, reason, dl in self._unacked:
+            if future is None:  # send() failed in an outage: it waits for the next try
+                waiting.append((None, reason, dl))
+                continue
             try:
                 future.get(timeout=max(0.0, deadline - time.monotonic()))
             except KafkaError as exc:
-                refused.append((reason, exc))
+                if self._in_outage(exc):
+                    waiting.append((None, reason, dl))
+                else:
+                    refused.append((reason, exc))
             else:
                 self.delivered[reason] += 1
                 self.metrics.dlq.labels(reason).inc()
-        self._unacked.clear()
+        self._unacked = []
         self._give_up(refused)
+        return waiting
+
+    def _resend(self) -> None:
+        """One try after an outage: a new producer (the old one may be unusable) sends what waits."""
+        waiting = self._unacked
+        self.producer.close(timeout=0)
+        self.producer = KafkaProducer(**dlq_producer_config(self.settings))
+        self._unacked = []
+        for _, reason, dl in waiting:
+            try:
+                self._unacked.append((self._send(dl), reason, dl))
+            except (KafkaError, TypeError, ValueError) as exc:
+                if not self._in_outage(exc):
+                    self._give_up([(reason, exc)])
+                    continue
+                self._unacked.append((None, reason, dl))
+        still = self._collect()
+        if still:
+            self._unacked = still
+            raise KafkaTimeoutError(f"{len(still)} dead letter(s) not acknowledged: the broker is out of reach")
 
     def close(self) -> None:
         """Wait for what is in flight, then close the producer (idempotent)."""
