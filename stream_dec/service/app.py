@@ -72,7 +72,7 @@ from stream_dec.service.checkpointer import (
 )
 from stream_dec.service.checkpointer import checkpoint_owner
 from stream_dec.service.clients import group_generation, request_rejoin, session_expired
-from stream_dec.service.fencing import Fenced, FenceMetrics, OwnerLease, instance_id
+from stream_dec.service.fencing import Fenced, OwnerLease, instance_id
 from stream_dec.service.clients import (
     AllToOneAssignor,
     RebalanceListener,
@@ -153,7 +153,6 @@ class StreamService:
 
     def _init_fencing(self) -> None:
         """State of the ownership: epoch, rebalance events, batches held back by a directory failure."""
-        self.fence_metrics = FenceMetrics(self.metrics.registry)
         self.checkpointer.written_by = checkpoint_owner(self.model)  # the state in memory is this checkpoint's
         self._epoch: int | None = None  # owner epoch held (fencing.py); None: not the owner
         self._events: collections.deque = collections.deque()  # (kind, partitions) recorded by the listener
@@ -667,7 +666,7 @@ class StreamService:
         if self.consumer is not None:  # fetch nothing more until the group assigns the partitions again
             self.consumer.pause(*self.consumer.assignment())
         self.metrics.assigned.set(0)
-        self.fence_metrics.epoch.set(0)
+        self.metrics.owner_epoch.set(0)
         _drop_pending(self.batcher)
 
     def _drop(self, exc: Fenced, *, rejoin: bool = True) -> None:
@@ -681,7 +680,7 @@ class StreamService:
             return
         log.error("FENCED (%s): %s. Stopping all writes (outputs, journal, checkpoints, commits) and standing by; "
                   "the newest owner continues from the shared checkpoint directory", exc.reason, exc)
-        self.fence_metrics.fenced.labels(exc.reason).inc()
+        self.metrics.fenced.labels(exc.reason).inc()
         self._release()  # the last update's drift record is not published: the next owner replays its batch
         self._dropped = True
         if rejoin and self.consumer is not None:
@@ -708,7 +707,7 @@ class StreamService:
             self.checkpoint()
         generation, member = group_generation(self.consumer)
         self._epoch = self.lease.claim(generation, member)
-        self.fence_metrics.epoch.set(self._epoch)
+        self.metrics.owner_epoch.set(self._epoch)
         log.info("owner epoch %d (group generation %d)", self._epoch, generation)
         self._resume_newest()
         self.journal.seal()

@@ -51,20 +51,6 @@ LOCK_FILE = "owner.lock"
 _LEASE = re.compile(r"^owner-(\d{12})\.lease$")
 
 
-class FenceMetrics:
-    """The fencing metrics, registered on the service's registry.
-
-    A failed journal write counts as ``stream_dec_checkpoint_failures_total`` (a write to
-    the checkpoint directory), so the checkpoint alerts cover it.
-    """
-
-    def __init__(self, registry):
-        from prometheus_client import Counter, Gauge
-
-        self.fenced = Counter("stream_dec_fenced_total", "Times this instance, while it owned the stream, found it no longer did (reason: lease, a newer owner's epoch; session, no heartbeat for a session timeout; lost, the group took the partitions) and stopped writing.", ["reason"], registry=registry)
-        self.epoch = Gauge("stream_dec_owner_epoch", "Owner epoch this instance holds (0: none, a standby).", registry=registry)
-
-
 class Fenced(RuntimeError):
     """This instance is not the newest owner of the stream: it must write nothing.
 

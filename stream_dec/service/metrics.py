@@ -104,7 +104,13 @@ class ServiceMetrics:
         self.model_version = Gauge("stream_dec_model_version", "Version of the model (one per update).", registry=r)
         self.guard = Counter("stream_dec_guard_actions_total", "Churn-guard interventions, by action.", ["action"], registry=r)
         self.ckpt_seconds = Histogram("stream_dec_checkpoint_duration_seconds", "Time to write one checkpoint.", buckets=_LATENCY_BUCKETS, registry=r)
-        self.ckpt_failures = Counter("stream_dec_checkpoint_failures_total", "Checkpoint writes that failed.", registry=r)
+        # A failed journal write counts here too (a write to the checkpoint directory), so
+        # the checkpoint alerts cover it.
+        self.ckpt_failures = Counter("stream_dec_checkpoint_failures_total", "Writes to the checkpoint directory that failed (checkpoint files, journal lines).", registry=r)
+        self.fenced = Counter("stream_dec_fenced_total", "Times this instance, while it owned the stream, found it no longer did (reason: lease, a newer owner's epoch; session, no heartbeat for a session timeout; lost, the group took the partitions) and stopped writing.", ["reason"], registry=r)
+        for reason in ("lease", "session", "lost", "not_owner"):  # every series from 0: increase() sees the first
+            self.fenced.labels(reason)
+        self.owner_epoch = Gauge("stream_dec_owner_epoch", "Owner epoch this instance holds (0: none, a standby).", registry=r)
         self.ckpt_last = Gauge("stream_dec_checkpoint_last_success_timestamp_seconds", "Unix time of the last checkpoint written.", registry=r)
         self.ckpt_age = Gauge("stream_dec_checkpoint_age_seconds", "Seconds since the last checkpoint written.", registry=r)
         self.ckpt_age.set_function(lambda: time.time() - self._ckpt_time if self._ckpt_time else 0.0)
