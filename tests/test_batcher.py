@@ -126,3 +126,14 @@ def test_records_that_must_go_abandon_a_replay_not_read_back():
 def test_end_offsets():
     assert end_offsets([rec(0, 4), rec(2, 9), rec(0, 7)]) == {0: 8, 2: 10}
     assert end_offsets([]) == {}
+
+
+def test_clear_forgets_pending_records_and_the_replay():
+    b = Batcher(4, 60_000, clock=Clock())
+    b.add(recs(0, 0, 3))
+    b.replay_from([JournalLine(base=1, labelled_by=1, end={0: 2})])
+    b.clear()
+    assert b.pending == [] and b.pending_bytes == 0 and not b.replay
+    assert b.cut({}, now=True) is None  # nothing left to cut
+    b.add(recs(0, 5, 7))  # the partition was repositioned: cut by size again, not at the old replay end
+    assert keys(b.cut({}, now=True)) == [(0, 5), (0, 6)]

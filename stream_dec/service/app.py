@@ -602,7 +602,7 @@ class StreamService:
     def _process_ready(self) -> None:
         """Process the batches that are ready (a held one first), then publish a finished update's drift record."""
         if not self._owns:  # records polled before a revocation or a fence took effect
-            _drop_pending(self.batcher)
+            self.batcher.clear()
             return
         if time.monotonic() < self._retry_at:
             return
@@ -667,7 +667,7 @@ class StreamService:
             self.consumer.pause(*self.consumer.assignment())
         self.metrics.assigned.set(0)
         self.metrics.owner_epoch.set(0)
-        _drop_pending(self.batcher)
+        self.batcher.clear()
 
     def _drop(self, exc: Fenced, *, rejoin: bool = True) -> None:
         """Fenced while owning the stream: publish, journal, checkpoint and commit nothing more; stand by.
@@ -698,7 +698,7 @@ class StreamService:
         self._last_activity = time.monotonic()
         self._lost.clear()
         self._refused.clear()
-        _drop_pending(self.batcher)  # polled before the seek below: maybe from the group's committed offsets
+        self.batcher.clear()  # polled before the seek below: maybe from the group's committed offsets
         self._held = None
         if not partitions:
             log.info("standby: another instance of group %s owns the input partitions", self.settings.kafka.group_id)
@@ -747,13 +747,6 @@ class StreamService:
             log.info("resuming from %s (model version %d)", newest.checkpoint_path_, newest.version_)
         self._dropped = False
 
-
-
-def _drop_pending(batcher: Batcher) -> None:
-    """Forget the records waiting to be cut and any replay (the partitions are repositioned)."""
-    batcher.pending = []
-    batcher.pending_bytes = 0
-    batcher.replay_from([])
 
 
 def _offset_ranges(records: list) -> dict[int, tuple[int, int]]:

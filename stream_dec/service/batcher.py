@@ -104,6 +104,12 @@ class Batcher:
             wait_ms = max(0, int(wait_ms - (self._clock() - self.since) * 1000))
         return wait_ms, max(1, self.max_size - len(self.pending))
 
+    def clear(self) -> None:
+        """Forget the records waiting to be cut and any replay (the partitions are repositioned)."""
+        self.pending = []
+        self.pending_bytes = 0
+        self.replay = collections.deque()
+
     def replay_from(self, lines: Iterable[JournalLine]) -> None:
         """Cut the next batches at these journaled ends (the lines following the loaded checkpoint)."""
         self.replay = collections.deque(lines)

@@ -4,9 +4,9 @@ Every hook defaults to doing nothing. They run on the service's threads, so they
 quick and must not call back into the service (except :meth:`StreamService.stop`):
 
 * ``on_poll`` runs on the loop's thread after each poll;
-* ``on_batch`` and ``on_update`` run with the batch lock held, on the loop's thread, or
-  on the client's IO thread while a revocation flushes the pending records;
-* ``on_assigned`` runs on the client's IO thread, after the service resumed;
+* ``on_batch`` and ``on_update`` run with the batch lock held, on the loop's thread
+  (rebalance callbacks only record the event; the loop does the work);
+* ``on_assigned`` runs on the loop's thread, after the service resumed;
 * ``on_checkpoint`` runs on the checkpoint thread once a checkpoint is on disk.
 """
 
