@@ -186,8 +186,8 @@ class BatchSettings(_Group):
 class UpdateSettings(_Group):
     """Budget of the bounded online update run on every micro-batch."""
 
-    max_steps: int = Field(5, ge=0, description="optimisation steps per update (0: assign and track novelty only)")
-    max_ms: float = Field(250.0, gt=0, description="wall-clock budget of one update in milliseconds")
+    max_steps: int = Field(5, ge=0, description="centre-rule steps per update (0: label only, the model does not change)")
+    max_ms: float = Field(250.0, gt=0, description="wall-clock budget of the whole update in milliseconds (steps, spawn search, churn guard)")
 
 
 class CheckpointSettings(_Group):

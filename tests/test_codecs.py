@@ -254,9 +254,11 @@ def test_drift_record_from_a_real_report():
         {"partition": 1, "first_offset": 10, "last_offset": 520},
     ]
     assert (rec["churn"], rec["guard_action"], rec["budget_exhausted"], rec["model_version"]) == (0.0012, "shrunk", False, 5)
+    assert rec["plan"] == report.plan  # what of the update ran, for an exact replay
     v = validator("drift")
     v.validate(rec)
-    for field, bad in (("churn", 1.5), ("new_cluster_ids", [3, 3]), ("n_items", -1), ("offset_ranges", [{"partition": 0}])):
+    for field, bad in (("churn", 1.5), ("new_cluster_ids", [3, 3]), ("n_items", -1), ("offset_ranges", [{"partition": 0}]),
+                       ("plan", "all"), ("plan", {"steps": -1})):
         assert not v.is_valid({**rec, field: bad}), field
 
     # A mapping works too; undefined metrics become null and still validate.

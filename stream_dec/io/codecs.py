@@ -420,7 +420,7 @@ def encode_assignments(
 
 
 _DRIFT_REQUIRED = ("model_version", "n_items", "update_ms", "churn", "centre_shift", "novelty_rate", "new_cluster_ids", "n_clusters")
-_DRIFT_OPTIONAL = ("steps", "buffer_size", "budget_exhausted", "guard_action")
+_DRIFT_OPTIONAL = ("steps", "buffer_size", "budget_exhausted", "guard_action", "plan")
 _DRIFT_FLOATS = ("update_ms", "churn", "centre_shift", "novelty_rate")
 
 
@@ -448,6 +448,8 @@ def encode_drift(report: Any, *, topic: str, offset_ranges: Mapping[int, tuple[i
             v = bool(v)
         elif k == "guard_action":
             v = str(v)
+        elif k == "plan":
+            v = dict(v)  # plain data already (UpdatePlan.to_dict)
         else:
             v = int(v)
         rec[k] = v
