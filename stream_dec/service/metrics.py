@@ -93,6 +93,7 @@ class ServiceMetrics:
         self.position = Gauge("stream_dec_input_position_offset", "Next offset the consumer fetches from the input partition.", ["partition"], registry=r)
         self.offset_resets = Counter("stream_dec_offset_resets_total", "Input positions found outside the partition's log and reset by policy, by where they were (past_end, before_start).", ["where"], registry=r)
         self.broker_up = Gauge("stream_dec_broker_up", "1 while the broker and the output topic answer, 0 during an outage.", registry=r)
+        self.broker_up.set(1)  # no outage known: only a failed try (stream_dec/service/outage.py) sets 0
         self.outage_seconds = Counter("stream_dec_outage_seconds_total", "Seconds spent in broker or output-topic outages.", registry=r)
         self.assigned = Gauge("stream_dec_assigned_partitions", "Input partitions assigned to this instance (0: standby).", registry=r)
         self.churn = Gauge("stream_dec_churn_ratio", "Share of remembered items relabelled by the last update.", registry=r)
