@@ -388,12 +388,48 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- report
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Read the output topic (or ``--records``), then write the HTML page; a ReportError is a user error (exit 2)."""
+    from stream_dec.report import read_records_file, stream_from_kafka, write_report
+    from stream_dec.report.figures import require_matplotlib
+    from stream_dec.report.reader import parse_since, read_topic
+
+    require_matplotlib()  # before a long read: say how to install it first
+    if args.records is None and (args.bootstrap_servers is None or args.topic is None):
+        raise CommandError("give --records FILE, or --bootstrap-servers and --topic")
+    if args.dlq_topic is not None and args.bootstrap_servers is None:
+        raise CommandError("--dlq-topic needs --bootstrap-servers")
+    if args.since and args.records is not None:
+        raise CommandError("--since filters a topic by record time; the lines of --records carry none")
+    since_ms = parse_since(args.since) if args.since else None
+    from kafka.errors import KafkaError
+
+    try:
+        if args.records is not None:
+            stream = read_records_file(args.records)
+        else:
+            raw = read_topic(args.bootstrap_servers, args.topic, since_ms=since_ms, progress=not args.quiet)
+            stream = stream_from_kafka(raw, f"topic {args.topic} on {args.bootstrap_servers}")
+        if args.dlq_topic is not None:
+            from stream_dec.io.codecs import REASON_HEADER
+            from stream_dec.report.reader import dlq_reasons
+
+            dead = read_topic(args.bootstrap_servers, args.dlq_topic, since_ms=since_ms, progress=not args.quiet)
+            stream.dlq = dlq_reasons(dead, REASON_HEADER)
+    except KafkaError as exc:
+        raise CommandError(f"Kafka at {args.bootstrap_servers}: {type(exc).__name__}: {exc}") from None
+    path = write_report(stream, args.out)
+    print(str(path), flush=True)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``stream-dec`` (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(prog="stream-dec", description="Streaming Deep Embedded Clustering with stable cluster ids.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_evaluate, _add_run, _add_demo, _add_inspect, _add_produce):
+    for add in (_add_train, _add_evaluate, _add_run, _add_demo, _add_inspect, _add_produce, _add_report):
         add(sub)
     return parser
 
@@ -490,6 +526,29 @@ def _add_produce(sub) -> None:
     p.add_argument("--progress-every", type=_non_negative, default=10_000, help="print progress every N records (0 = never)")
     p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the broker before giving up (default 10)")
     p.set_defaults(func=_cmd_produce)
+
+
+def _add_report(sub) -> None:
+    """The ``report`` subcommand."""
+    r = sub.add_parser(
+        "report",
+        help="draw an output topic (or a file of its records) as one self-contained HTML page",
+        description="Read every record of the service's output topic (assignments, drift and lifecycle records) "
+        "or a file of them, and write one HTML page with the pictures embedded: the id tree over model versions, "
+        "cluster sizes per batch, churn/novelty/centre shift/update time per batch and the label flow of the largest "
+        "ids, under a table of counts (and dead letters by reason with --dlq-topic). Needs matplotlib: "
+        "pip install 'stream_dec[report]'. Progress goes to stderr, the page's path to stdout.",
+    )
+    r.add_argument("--bootstrap-servers", default=None, metavar="HOST:PORT", help="brokers to read the topics from")
+    r.add_argument("--topic", default=None, help="the output topic (assignment, drift and lifecycle records)")
+    r.add_argument("--records", default=None, metavar="FILE", help="read output records from this file (one JSON value a line) instead")
+    since = r.add_mutually_exclusive_group()
+    since.add_argument("--from-beginning", action="store_true", help="read the topics from their start (the default)")
+    since.add_argument("--since", default=None, metavar="T", help="only records from T on: ISO 8601 time or an age (30m, 2h, 7d)")
+    r.add_argument("--dlq-topic", default=None, help="also count this dead-letter topic's records by reason")
+    r.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.set_defaults(func=_cmd_report)
 
 
 def main(argv: list[str] | None = None) -> int:

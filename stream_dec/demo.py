@@ -386,7 +386,33 @@ def _run(sample: Sample, split: DemoSplit, servers: str, work: Path, batch_size:
     _stream_through(svc, items, len(bad), work, servers, topics["input"], rate, timeout_s, ui)
     ui.phase("service: stopped (final checkpoint written, offsets committed); reading the outputs back ...")
     published = _read_published(servers, topics, n_labels=len(split.stream), n_dead=len(bad), n_inputs=len(items))
-    return _report(sample, split, base, svc.service, published, topics, bad, seed, rate, batch_size, max_wait_ms)
+    report = _report(sample, split, base, svc.service, published, topics, bad, seed, rate, batch_size, max_wait_ms)
+    # Outside the scratch dir, which goes with the run: the page is for the user to open afterwards.
+    report["report"] = _write_page(servers, topics, Path(tempfile.gettempdir()) / f"{tag}-report.html", ui)
+    return report
+
+
+def _write_page(servers: str, topics: dict[str, str], path: Path, ui: _Progress) -> str | None:
+    """Draw the run's output and dead-letter topics as the ``stream-dec report`` page; None without matplotlib."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        from stream_dec.report.figures import INSTALL_HINT
+
+        ui.phase(f"report: no page drawn (matplotlib is not installed: {INSTALL_HINT})")
+        return None
+    from stream_dec.report import ReportError, stream_from_kafka, write_report
+    from stream_dec.report.reader import read_topic
+
+    ui.phase("report: drawing the run's topics ...")
+    try:
+        out = read_topic(servers, topics["output"], progress=False)
+        dlq = read_topic(servers, topics["dlq"], progress=False)
+        written = write_report(stream_from_kafka(out, f"topic {topics['output']}", dlq=dlq), path)
+    except (ReportError, OSError) as exc:
+        raise DemoError(f"cannot write the report page {path}: {exc}") from None
+    ui.phase(f"report: {written}")
+    return str(written)
 
 
 def _create_topics(servers: str, topics: dict[str, str], ui: _Progress) -> None:
@@ -751,6 +777,8 @@ def format_report(r: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in r["dlq"]["reasons"].items()),
         f"total           {r['total_seconds']:.1f} s",
     ]
+    if r.get("report"):
+        lines.append(f"report page     {r['report']} (stream-dec report: ids, sizes, churn per batch)")
     if d["attribution"]:
         lines.append(f"data credit     {d['attribution']}")
     return "\n".join(lines)
