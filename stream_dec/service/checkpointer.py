@@ -55,6 +55,16 @@ def read_newest(settings):
     return model
 
 
+def newest_or_none(settings):
+    """:func:`read_newest`, or None when the directory holds no usable checkpoint."""
+    from stream_dec import CheckpointError
+
+    try:
+        return read_newest(settings)
+    except CheckpointError:
+        return None
+
+
 def load_newest(settings):
     """:func:`read_newest`, or :class:`NoCheckpointError` saying how to create one."""
     from stream_dec import CheckpointError
