@@ -80,7 +80,8 @@ def _consumer(servers: str):
 
     try:
         return KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, allow_auto_create_topics=False,
-                             fetch_max_wait_ms=100, request_timeout_ms=10_000, fetch_max_bytes=64 * 1024 * 1024)
+                             fetch_max_wait_ms=100, request_timeout_ms=10_000, bootstrap_timeout_ms=10_000,
+                             fetch_max_bytes=64 * 1024 * 1024)
     except KafkaError as exc:
         raise ReportError(f"no Kafka broker answers at {servers} ({type(exc).__name__})") from None
 
