@@ -101,7 +101,7 @@ def sizes_png(b: Batches, ids: np.ndarray, counts: np.ndarray, nodes: dict[int, 
         ax.axvline(t, color="black", ls=":", lw=0.8)
         ax.text(t, top * 1.01, f"new {', '.join(names)}", rotation=90, fontsize=7, va="bottom", ha="center")
     _batch_axis(ax, b)
-    ax.set_ylim(0, top * 1.18)
+    ax.set_ylim(0, top * 1.3)  # room for the "new ..." labels above the stack
     ax.set_ylabel("items labelled")
     ax.set_title(f"Cluster sizes per batch ({len(ids)} ids, stacked)")
     fig.tight_layout()
