@@ -2,7 +2,10 @@
 
 :class:`StreamService` (app.py) is the loop; it hands each batch to the batcher, the
 journal, the learner, the outputs of its delivery mode and the checkpointer (one module
-each), and tells :class:`ServiceHooks` what happened.
+each), and tells :class:`ServiceHooks` what happened. Beside the loop: ownership.py
+(rebalances, owner epochs, fencing), positions.py (input positions against the log),
+outage.py (an unreachable broker), directory.py (refused writes to the checkpoint
+directory), deadletters.py, metrics.py and progress.py.
 """
 
 from stream_dec.service.app import StreamService

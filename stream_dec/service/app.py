@@ -1,14 +1,17 @@
 """The Kafka service: poll, cut, label, learn, publish, commit, checkpoint.
 
-:class:`StreamService` is the loop; the work happens in the rooms of stream_dec/service/.
-The path of one batch, in order::
+:class:`StreamService` is the loop and the path of a batch; everything else happens in
+the rooms of stream_dec/service/. The path of one batch, in order::
 
     consumer.poll                  clients.py       records of the assigned partitions
+     ├> InputPositions.check       positions.py     positions outside the log: the reset policy
      └> Batcher.add, cut           batcher.py       by count, bytes or wait; at journaled ends when replaying
          └> decode_batch                            unusable records become dead letters
              ├> outputs.open_batch outputs.py       exactly-once: the batch's transaction begins
-             ├> Learner.settle     learner.py       the previous update ends; its drift record is sent
-             ├> Journal.append     journal.py       the batch's end, before any of its outputs leaves
+             ├> Learner.settle     learner.py       the previous update ends; its plan is journaled, its drift record sent
+             ├> Journal.append     journal.py       the batch's end, under the owner's lease (ownership.py),
+             │                                      before any of its outputs leaves; a refused write
+             │                                      holds the batch (directory.py)
              ├> DeadLetters.send   deadletters.py   dead letters, on their own producer
              ├> model.predict, outputs.send_many    assignments, by the model after the previous batch
              ├> Learner.start                       partial_fit, overlapping the acks and the next poll
@@ -18,7 +21,11 @@ The path of one batch, in order::
              ├> Checkpointer.take  checkpointer.py  every N batches: snapshot here, written on its
              │                                      thread, then Journal.prune
              └> outputs.batch_done                  at-least-once: asynchronous offset commit
+    Ownership.handle_events        ownership.py     between batches: rebalances, owner epochs, fencing
     Progress.due, line             progress.py      every N batches or S seconds; a summary at the end
+
+Outages (outage.py) are waited out by the clients and outputs; metrics.py exports what
+the rooms count.
 
 Invariants (the rooms' docstrings hold their own):
 
@@ -35,20 +42,20 @@ Invariants (the rooms' docstrings hold their own):
   waits for the previous update), so the labels do not depend on timing.
 * The rebalance callbacks (kafka-python 3 runs them on its IO thread, which also sends
   the heartbeats) only record what happened; the loop's thread acts on it between batches.
-* Only the newest owner writes (fencing.py): an assignment claims an owner epoch, and
-  journal lines, update plans and checkpoints are written under it. An instance whose
-  partitions were lost, whose session expired or that finds a newer epoch publishes,
-  journals, checkpoints and commits nothing more, and stands by; when it gets the
-  partitions again it resumes from the newest checkpoint, not from its memory.
+* Only the newest owner writes (ownership.py, fencing.py): an assignment claims an owner
+  epoch, and journal lines, update plans and checkpoints are written under it. An
+  instance whose partitions were lost, whose session expired or that finds a newer epoch
+  publishes, journals, checkpoints and commits nothing more, and stands by; when it gets
+  the partitions again it resumes from the newest checkpoint, not from its memory.
 * A batch's outputs leave only once its journal line is written: while the checkpoint
-  directory fails, the batch waits (retried with backoff) rather than leave unreplayable.
+  directory fails, the batch waits (retried with backoff, directory.py) rather than
+  leave unreplayable.
 * One model per consumer group: the assignor gives every input partition to one member;
   the others stand by and take over from the newest checkpoint when the owner leaves.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import signal
@@ -67,30 +74,29 @@ from stream_dec.service.checkpointer import (
     Checkpointer,
     NoCheckpointError,
     checkpoint_offsets,
+    checkpoint_owner,
     load_newest,
-    read_newest,
+    newest_or_none,
 )
-from stream_dec.service.checkpointer import checkpoint_owner
-from stream_dec.service.clients import group_generation, request_rejoin, session_expired
-from stream_dec.service.fencing import Fenced, OwnerLease, instance_id
 from stream_dec.service.clients import (
     AllToOneAssignor,
-    RebalanceListener,
-    CONNECT_TIMEOUT_S,
     broker_connected,
     highwater_lag,
     make_consumer,
     make_output_producer,
-    positions,
     transactional_id,
 )
 from stream_dec.service.deadletters import DeadLetters
+from stream_dec.service.directory import DirectoryHealth
+from stream_dec.service.fencing import Fenced, OwnerLease, instance_id
 from stream_dec.service.hooks import BatchInfo, ServiceHooks
 from stream_dec.service.journal import JOURNAL, Journal
 from stream_dec.service.learner import Learner
 from stream_dec.service.metrics import MetricsServer, ServiceMetrics
-from stream_dec.service.outage import OffsetsOutOfRangeError, Outage
+from stream_dec.service.outage import Outage
 from stream_dec.service.outputs import OUTPUTS
+from stream_dec.service.ownership import Ownership
+from stream_dec.service.positions import InputPositions, Outside
 from stream_dec.service.progress import Progress
 from stream_dec.settings import Settings
 
@@ -100,8 +106,6 @@ log = logging.getLogger("stream_dec.service")
 
 #: Longest single poll: the loop checks for stop and idleness at least this often.
 MAX_POLL_MS = 200
-#: Longest gap between two exports of the positions (and checks of the broker) while no records arrive.
-WATCH_EVERY_S = 0.5
 #: Key of the drift records on the output topic.
 DRIFT_KEY = b"__drift__"
 
@@ -111,12 +115,15 @@ class StreamService:
 
     ``model``: start from this model instead of the newest checkpoint. ``hooks``:
     callables told about polls, batches, updates and checkpoints (stream_dec/service/hooks.py).
+    The service holds the model, its input offsets and the rooms, and processes the
+    batches; it is the :class:`~stream_dec.service.ownership.OwnerHost` of its
+    :class:`~stream_dec.service.ownership.Ownership`.
     """
 
     def __init__(self, settings: Settings, model: Any | None = None, hooks: ServiceHooks | None = None):
         self.settings = settings
         _use_torch_threads(settings.model.threads)
-        self.ckpt_dir = Path(settings.checkpoint.dir)
+        ckpt_dir = Path(settings.checkpoint.dir)
         self.metrics = ServiceMetrics()
         self.progress = Progress(settings.progress.every_batches, settings.progress.every_s)
         self.hooks = self.progress.observe(hooks or ServiceHooks())
@@ -125,52 +132,44 @@ class StreamService:
         self.offsets: dict[int, int] = checkpoint_offsets(self.model, settings.kafka.input_topic)
         self._outputs_class = OUTPUTS[settings.kafka.processing_guarantee]
         version = int(self.model.version_)
-        self.journal = Journal(self.ckpt_dir / JOURNAL, base=version, durable=self._outputs_class.durable_journal)
-        self.instance = instance_id()
-        self.lease = OwnerLease(self.ckpt_dir, self.instance)
+        self.journal = Journal(ckpt_dir / JOURNAL, base=version, durable=self._outputs_class.durable_journal)
+        lease = OwnerLease(ckpt_dir, instance_id())
         self.checkpointer = Checkpointer(
-            self.ckpt_dir, journal=self.journal, topic=settings.kafka.input_topic, version=version,
+            ckpt_dir, journal=self.journal, topic=settings.kafka.input_topic, version=version,
             keep=settings.checkpoint.keep, interval=settings.checkpoint.interval_batches, metrics=self.metrics,
-            on_written=lambda v, seconds: self.hooks.on_checkpoint(v, seconds), lease=self.lease, on_fenced=self._checkpoint_fenced,
+            on_written=lambda v, seconds: self.hooks.on_checkpoint(v, seconds), lease=lease,
+            on_fenced=lambda exc: self.ownership.checkpoint_fenced(exc),
         )
+        self.checkpointer.written_by = checkpoint_owner(self.model)  # the state in memory is this checkpoint's
+        self.directory = DirectoryHealth(ckpt_dir, self.metrics)
+        self.ownership = Ownership(lease, self.checkpointer, self.directory, self.metrics, self,
+                                   newest=lambda: newest_or_none(settings), group=settings.kafka.group_id)
         self.batcher = Batcher(settings.batch.max_size, settings.batch.max_wait_ms, max_bytes=settings.batch.max_bytes,
                                on_replay_abandoned=self._replay_abandoned)
         self.learner = Learner()
         self.consumer = self.outputs = self.server = None
         self.processed_batches = 0
         self._last_activity = 0.0  # monotonic time of the last records or assignment (0: none yet)
-        self._owns = False  # the input partitions are assigned to this instance
         self._stop = threading.Event()
         # Batch processing happens on the loop's thread only (the rebalance callbacks just
-        # record events, see _on_assigned); re-entrant for the handlers that drain within it.
+        # record events, ownership.py); re-entrant for the handlers that drain within it.
         self._lock = threading.RLock()
         self.outage = Outage(settings, self.metrics, self._stop)
-        self._check_log_starts = False  # compare positions with the log's start at the next poll
-        self._watched = 0.0  # monotonic time positions were last exported
-        self._unconnected = 0  # broker checks in a row that found no open connection
-        self.metrics.record_model(self.model)
-        self._init_fencing()
-
-    def _init_fencing(self) -> None:
-        """State of the ownership: epoch, rebalance events, batches held back by a directory failure."""
-        self.checkpointer.written_by = checkpoint_owner(self.model)  # the state in memory is this checkpoint's
-        self._epoch: int | None = None  # owner epoch held (fencing.py); None: not the owner
-        self._events: collections.deque = collections.deque()  # (kind, partitions) recorded by the listener
-        self._events_lock = threading.Lock()
-        self._lost = threading.Event()  # set by the listener at once: the loop's fence checks see it mid-batch
-        self._refused = threading.Event()  # the checkpoint thread found a newer epoch
-        self._dropped = False  # the model in memory went past every checkpoint and was abandoned
+        self.positions = InputPositions(settings, self.metrics, self.outage)
         self._held: Batch | None = None  # a batch whose journal line could not be written yet
         self._unsettled = None  # an update whose plan could not be journaled yet (its drift record waits)
-        self._retry_at = 0.0  # monotonic time before which a held write is not retried
-        self._claim_at = 0.0  # the same for an assignment whose claim or resume failed
-        self._backoff_s = 0.0
         self._batch_plan = self._batch_key = None  # the plan and identity of the batch being labelled
+        self.metrics.record_model(self.model)
 
     @property
     def transactional_id(self) -> str:
         """The exactly-once producer's transactional id (one per consumer group and input topic)."""
         return transactional_id(self.settings)
+
+    @property
+    def producer(self):
+        """The output producer (replaced after an outage: a restarted broker may not know the old one)."""
+        return self.outputs.producer if self.outputs is not None else None
 
     # ------------------------------------------------------------ the loop
     def run(self, *, max_idle_s: float | None = None, install_signals: bool = True) -> int:
@@ -183,7 +182,7 @@ class StreamService:
                 if self._poll():
                     self._last_activity = time.monotonic()
                 with self._lock:
-                    self._handle_events()
+                    self.ownership.handle_events()
                     self._process_ready()
                 if self.progress.due():
                     log.info("%s", self.progress.line(self._lag()))
@@ -191,12 +190,12 @@ class StreamService:
                     log.info("no records for %.1fs: stopping", max_idle_s)
                     break
             with self._lock:
-                self._handle_events()
+                self.ownership.handle_events()
                 # A standby, or an owner fenced meanwhile, must not write its stale model over the owner's.
-                if self._owns and self._fence_reason() is None:
+                if self.ownership.owns and self.ownership.fence_reason() is None:
                     self._drain()
                     self.checkpoint()
-                    self._commit(wait=True)
+                    self.commit(wait=True)
         finally:
             self.close()
             log.info("%s", self.progress.summary(delivered=self.dead_letters.delivered, failed=self.dead_letters.failed,
@@ -220,8 +219,12 @@ class StreamService:
             return
         if self.outputs is not None:
             self.outputs.await_acks()
-        owner = None if self._epoch is None else {"instance": self.instance, "epoch": self._epoch}
-        self.checkpointer.take(self.model, self.offsets, wait=wait, owner=owner)
+        self.checkpointer.take(self.model, self.offsets, wait=wait, owner=self.ownership.owner())
+
+    def commit(self, *, wait: bool = False) -> None:
+        """Commit the input offsets of the processed batches, unless this instance is fenced."""
+        if self.ownership.fence_reason() is None:
+            self.outputs.commit(self.offsets, wait=wait)
 
     def close(self) -> None:
         """Close clients, the learner and checkpoint threads and the metrics server (idempotent)."""
@@ -231,6 +234,7 @@ class StreamService:
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
             self.consumer = None
+            self.ownership.close()
         if self.outputs is not None and self.outputs.producer is not None:
             # In an outage what is left cannot be delivered: nothing of it was committed.
             self.outputs.producer.close(timeout=0 if self.outage.active else None)
@@ -243,7 +247,7 @@ class StreamService:
         if install_signals and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpointer.directory.mkdir(parents=True, exist_ok=True)
         m = self.settings.metrics
         if m.port:
             stale_after_s = max(30.0, 3 * self.settings.batch.max_wait_ms / 1000)
@@ -259,7 +263,7 @@ class StreamService:
         self.outage.retry(f"output topic {k.output_topic!r}", self.outputs.start)
         self.outputs.partitions_for(k.output_topic)  # reachable before any input is read
         self.dead_letters.start(self.outage, broker_up=lambda: broker_connected(self.consumer))
-        self.consumer.subscribe([self.settings.kafka.input_topic], listener=RebalanceListener(self._on_assigned, self._on_revoked, self._on_lost))
+        self.consumer.subscribe([k.input_topic], listener=self.ownership.listener(self.consumer))
 
     def _poll(self) -> int:
         """Poll for the batch being filled; returns the number of records added."""
@@ -268,7 +272,8 @@ class StreamService:
         try:
             polled = self.consumer.poll(timeout_ms=min(wait_ms, MAX_POLL_MS) if wait_ms else 0, max_records=room)
         except OffsetOutOfRangeError as exc:  # the client resets nothing itself (clients.py)
-            self._fetch_out_of_range(exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {})
+            fetched = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+            self._reset_positions(self.positions.refused(self.consumer, fetched))
             polled = {}
         polled_s = time.perf_counter() - t0
         self.outputs.after_poll(self.offsets)
@@ -277,7 +282,9 @@ class StreamService:
             for records in polled.values():
                 self.batcher.add(records)
                 n += len(records)
-        self._watch_positions(n)
+        outside = self.positions.check(self.consumer, n)
+        if outside:
+            self._reset_positions(outside)
         self.hooks.on_poll(n, time.perf_counter() - t0, polled_s)
         return n
 
@@ -293,6 +300,20 @@ class StreamService:
             return False
         return time.monotonic() - self._last_activity > max_idle_s
 
+    def _process_ready(self) -> None:
+        """Process the batches that are ready (a held one first), then publish a finished update's drift record."""
+        if not self.ownership.owns:  # records polled before a revocation or a fence took effect
+            self.batcher.clear()
+            return
+        if self.directory.waiting():
+            return
+        while (batch := self._held or self.batcher.cut(self.offsets)) is not None:
+            self._held = None
+            if self._process(batch) is False:
+                return
+        if self._unsettled is not None or self.learner.done():
+            self._settle()  # publish the drift record now rather than with the next batch
+
     def _drain(self) -> None:
         """Process every pending record now (shutdown, revocation)."""
         while (batch := self._held or self.batcher.cut(self.offsets, now=True)) is not None:
@@ -304,95 +325,17 @@ class StreamService:
         if self.outputs is not None:
             self.outputs.forget_published()
 
-    # ------------------------------------------------------------ positions and outages
-    @property
-    def producer(self):
-        """The output producer (replaced after an outage: a restarted broker may not know the old one)."""
-        return self.outputs.producer if self.outputs is not None else None
-
-    def _watch_positions(self, polled: int) -> None:
-        """Export positions, high watermarks and the broker's state; apply the reset policy to a
-        position the partition's log no longer holds (on the loop's thread)."""
-        now = time.monotonic()
-        due = now - self._watched >= WATCH_EVERY_S
-        if due:
-            self._watched = now
-            if broker_connected(self.consumer):
-                self._unconnected = 0
-                self.outage.ok()
-            else:
-                # Twice in a row: a connection is briefly closed after start-up and between
-                # tries. The client reconnects by itself; past max_outage_s the run ends.
-                self._unconnected += 1
-                if self._unconnected >= 2:
-                    self.outage.failed(f"broker (input topic {self.settings.kafka.input_topic!r})")
-                    return
-        if not (polled or due or self._check_log_starts):
-            return
-        seen = positions(self.consumer)
-        self.metrics.record_positions(seen)
-        # tansu answers a fetch past its log's end with no records and no error: only the
-        # high watermark below the position shows it (docs/kafka-notes.md).
-        outside = {p: ("past_end", pos, hw) for p, (pos, hw) in seen.items() if hw is not None and pos > hw}
-        if self._check_log_starts and seen:
-            self._check_log_starts = False
-            starts = self._log_starts(seen)
-            outside.update({p: ("before_start", pos, starts[p]) for p, (pos, _) in seen.items()
-                            if p in starts and pos < starts[p] and p not in outside})
-        if outside:
-            self._reset_offsets(outside)
-
-    def _log_starts(self, partitions) -> dict[int, int]:
-        """The first offset of each partition's log (``beginning_offsets`` is right on tansu too)."""
-        topic = self.settings.kafka.input_topic
-        starts = self.consumer.beginning_offsets([TopicPartition(topic, p) for p in partitions], timeout_ms=CONNECT_TIMEOUT_S * 1000)
-        return {tp.partition: o for tp, o in starts.items()}
-
-    def _fetch_out_of_range(self, fetched: dict) -> None:
-        """The broker refused a fetch as out of range (Apache Kafka does, for both ends of the log)."""
-        starts = self._log_starts([tp.partition for tp in fetched])
-        outside = {}
-        for tp, offset in fetched.items():
-            offset = getattr(offset, "offset", offset)
-            start = starts.get(tp.partition, 0)
-            outside[tp.partition] = ("before_start", offset, start) if offset < start else ("past_end", offset, self.consumer.highwater(tp))
-        self._reset_offsets(outside)
-
-    def _reset_offsets(self, outside: dict[int, tuple[str, int, int | None]]) -> None:
-        """``{partition: (where, position, log start or high watermark)}``: log loudly, count, apply the policy.
+    def _reset_positions(self, outside: Outside) -> None:
+        """Positions outside the log (positions.py): log and count; policy ``fail`` raises, ``earliest`` resets.
 
         ``earliest``: the records already fetched are processed, then each partition
         resumes at its log's start, the journal (which describes the old log) is dropped
         and a checkpoint is written at once, so a restart does not find the old offsets again.
         """
-        topic, policy = self.settings.kafka.input_topic, self.settings.kafka.offset_reset_policy
-        for p, (where, pos, edge) in sorted(outside.items()):
-            self.metrics.offset_resets.labels(where).inc()
-            if where == "past_end":
-                log.error("input %s[%d]: position %d is past the log's end %s: the log was truncated, the topic "
-                          "recreated or the broker restored empty", topic, p, pos, edge)
-            else:
-                log.error("input %s[%d]: position %d is before the log's start %d: %d records were deleted "
-                          "(retention) before the service read them", topic, p, pos, edge, edge - pos)
-        if policy == "fail":
-            raise OffsetsOutOfRangeError(
-                f"input positions outside the log of {topic!r}: "
-                + ", ".join(f"partition {p} at {pos} ({where.replace('_', ' ')} {edge})" for p, (where, pos, edge) in sorted(outside.items()))
-                + "; STREAM_DEC_KAFKA__OFFSET_RESET_POLICY=fail (deploy/OPERATE.md says what to do)")
+        self.positions.report(outside)
         with self._lock:
             self._drain()
-            starts = self._log_starts(outside)
-            for p, (where, pos, edge) in sorted(outside.items()):
-                start = starts.get(p, 0)
-                self.offsets[p] = start
-                self.consumer.seek(TopicPartition(topic, p), start)
-                if where == "past_end":
-                    log.warning("input %s[%d]: policy earliest: resuming at the log's start %d; the %s records "
-                                "there are read although the checkpoint was past them", topic, p, start,
-                                "?" if edge is None else max(0, edge - start))
-                else:
-                    log.warning("input %s[%d]: policy earliest: resuming at the log's start %d; %d records skipped",
-                                topic, p, start, start - pos)
+            self.offsets.update(self.positions.reset(self.consumer, outside))
             self.batcher.replay_from([])
             self.outputs.forget_published()
             self.checkpoint()
@@ -478,10 +421,31 @@ class StreamService:
         if self.checkpointer.batch_done():
             self.checkpoint(wait=False)
         clock.lap("checkpoint")
-        if self._fence_reason() is None:  # a fenced owner commits nothing
+        if self.ownership.fence_reason() is None:  # a fenced owner commits nothing
             self.outputs.batch_done(self.offsets)
         clock.lap("commit")
         clock.laps["total"] = time.perf_counter() - clock.started
+
+    def _journal(self, batch: Batch, version: int) -> bool:
+        """Journal a new batch's end under the lease: the point after which its outputs may leave.
+
+        False when the batch must not be published: fenced (dropped), or the directory
+        failed (the batch is held and retried after a backoff).
+        """
+        try:
+            self.ownership.check()
+            with self.ownership.guard():
+                if batch.journaled is None:  # a replayed batch's line is in the journal already
+                    self.journal.append(batch.end, labelled_by=version, epoch=self.ownership.epoch)
+        except Fenced as exc:
+            self.ownership.drop(exc)
+            return False
+        except OSError as exc:
+            self._hold(batch)
+            self.directory.failed(exc)
+            return False
+        self.directory.ok()
+        return True
 
     def _settle(self) -> bool:
         """Wait for the running update, if any, journal its plan and publish its batch's drift record.
@@ -496,14 +460,14 @@ class StreamService:
         if update.batch is not None and not update.replayed:
             end, labelled_by = update.batch
             try:
-                with self.lease.guard(self._epoch):
-                    self.journal.append(end, labelled_by=labelled_by, epoch=self._epoch, plan=update.report.plan)
+                with self.ownership.guard():
+                    self.journal.append(end, labelled_by=labelled_by, epoch=self.ownership.epoch, plan=update.report.plan)
             except Fenced as exc:
-                self._drop(exc)
+                self.ownership.drop(exc)
                 return False
             except OSError as exc:
                 self._unsettled = update
-                self._dir_failed(exc)
+                self.directory.failed(exc)
                 return False
         drift = encode_drift(update.report, topic=self.settings.kafka.input_topic, offset_ranges=update.ranges)
         self.outputs.send(self.settings.kafka.output_topic, key=DRIFT_KEY, value=drift)
@@ -511,205 +475,43 @@ class StreamService:
         self.hooks.on_update(update.report, update.started, update.ended)
         return True
 
-    # ------------------------------------------------------------ rebalances and fencing
-    # kafka-python 3 calls the listener on its IO thread, which also sends the heartbeats:
-    # the callbacks only record the event, the loop's thread acts on it before its next
-    # batch (_handle_events). A batch in progress meanwhile is safe: its journal line,
-    # written under the lease (fencing.py), is what the next owner replays exactly.
-    def _on_assigned(self, partitions: list[TopicPartition]) -> None:
-        if partitions:
-            # The client must not look for a position itself (it resets nothing, clients.py):
-            # provisional positions now (non-blocking), paused until the loop's thread has
-            # chosen the model and seeks for real.
-            self.consumer.pause(*partitions)
-            known = dict(self.offsets)
-            for tp in partitions:
-                if tp.partition in known:
-                    self.consumer.seek(tp, known[tp.partition])
-                else:
-                    self.consumer.seek_to_beginning(tp)
-        self._record("assigned", partitions)
-
-    def _on_revoked(self, partitions: list[TopicPartition]) -> None:
-        self._record("revoked", partitions)
-
-    def _on_lost(self, partitions: list[TopicPartition]) -> None:
-        self._lost.set()
-        self._record("lost", partitions)
-
-    def _record(self, kind: str, partitions: list[TopicPartition]) -> None:
-        with self._events_lock:
-            self._events.append((kind, list(partitions)))
-
-    def _handle_events(self) -> None:
-        """Act on the recorded rebalance events, in order (the loop's thread)."""
-        while True:
-            with self._events_lock:
-                if not self._events or (self._events[0][0] == "assigned" and time.monotonic() < self._claim_at):
-                    return
-                kind, partitions = self._events.popleft()
-            if kind == "lost":
-                self._drop(Fenced("lost", f"partitions {sorted(tp.partition for tp in partitions)} lost"), rejoin=False)
-            elif kind == "revoked":
-                self._revoked(partitions)
-            else:
-                try:
-                    self._assigned(partitions)
-                except OSError as exc:  # the checkpoint directory: claim and resume again after a backoff
-                    self._release()
-                    self._dir_failed(exc)
-                    self._claim_at = self._retry_at
-                    with self._events_lock:
-                        self._events.appendleft((kind, partitions))
-                    return
-                self.hooks.on_assigned([tp.partition for tp in partitions])
-
-    def _fence_reason(self) -> str | None:
-        """Why this instance must not write now (None: it is the owner). No I/O: checked often."""
-        if self._epoch is None:
-            return "not_owner"
-        if self._lost.is_set():
-            return "lost"
-        if self._refused.is_set():
-            return "lease"
-        if self.consumer is not None and session_expired(self.consumer):
-            return "session"
-        return None
-
-    def _journal(self, batch: Batch, version: int) -> bool:
-        """Journal a new batch's end under the lease: the point after which its outputs may leave.
-
-        False when the batch must not be published: fenced (dropped), or the directory
-        failed (the batch is held and retried after a backoff).
-        """
-        reason = self._fence_reason()
-        try:
-            if reason is not None:
-                raise Fenced(reason)
-            with self.lease.guard(self._epoch):
-                if batch.journaled is None:  # a replayed batch's line is in the journal already
-                    self.journal.append(batch.end, labelled_by=version, epoch=self._epoch)
-        except Fenced as exc:
-            self._drop(exc)
-            return False
-        except OSError as exc:
-            self._hold(batch)
-            self._dir_failed(exc)
-            return False
-        self._dir_ok()
-        return True
-
-    def _process_ready(self) -> None:
-        """Process the batches that are ready (a held one first), then publish a finished update's drift record."""
-        if not self._owns:  # records polled before a revocation or a fence took effect
-            self.batcher.clear()
-            return
-        if time.monotonic() < self._retry_at:
-            return
-        while (batch := self._held or self.batcher.cut(self.offsets)) is not None:
-            self._held = None
-            if self._process(batch) is False:
-                return
-        if self._unsettled is not None or self.learner.done():
-            self._settle()  # publish the drift record now rather than with the next batch
-
     def _hold(self, batch: Batch) -> None:
-        if self._epoch is not None:  # a fenced owner drops its batches instead
+        if self.ownership.epoch is not None:  # a fenced owner drops its batches instead
             self._held = batch
 
-    def _dir_failed(self, exc: OSError) -> None:
-        """The checkpoint directory refused a journal or lease write: count, log, back off."""
-        self.metrics.ckpt_failures.inc()  # a write to the checkpoint directory, alerted like a checkpoint's
-        self._backoff_s = min(5.0, max(0.1, 2 * self._backoff_s))
-        self._retry_at = time.monotonic() + self._backoff_s
-        log.error("checkpoint directory %s unusable (%s); nothing is published until the journal can be written, "
-                  "retrying in %.1fs", self.ckpt_dir, exc, self._backoff_s)
+    # ------------------------------------------------------------ ownership changes (OwnerHost, ownership.py)
+    def abandon(self) -> bool:
+        """Forget the records not cut, a held batch and an update whose drift record was not published.
 
-    def _dir_ok(self) -> None:
-        if self._backoff_s:
-            log.warning("checkpoint directory %s usable again; resuming", self.ckpt_dir)
-            self._backoff_s = 0.0
-
-    def _commit(self, *, wait: bool = False) -> None:
-        if self._fence_reason() is None:
-            self.outputs.commit(self.offsets, wait=wait)
-
-    def _revoked(self, partitions: list[TopicPartition]) -> None:
-        """A rebalance this instance takes part in: hand over, if it still holds the newest epoch.
-
-        The records not yet cut are left to the next owner (perhaps this instance again),
-        which resumes from the newest checkpoint and the journal. The last update's drift
-        record, a checkpoint and a commit are written only under the lease.
+        True when the model learnt something no journal line describes.
         """
-        if partitions and self._owns:
-            reason = self._fence_reason()
-            if reason is None:
-                self.checkpoint()
-                self._commit()
-            elif reason != "not_owner":
-                self._drop(Fenced(reason), rejoin=False)
-                return
-        self._release()
-
-    def _release(self) -> None:
-        """No longer the owner: forget what waits to be processed, and an update whose drift record was not published."""
-        if self._unsettled is not None or self.learner.busy():
-            self._dropped = True  # the model learnt something no journal line describes
+        learnt = self._unsettled is not None or self.learner.busy()
         self._unsettled = None
         try:
             self.learner.settle()
         except Exception:  # noqa: BLE001 (an update that failed belongs to the abandoned model)
             log.exception("update of the abandoned model failed")
-        self._owns = False
-        self._epoch = None
         self._held = None
-        if self.consumer is not None:  # fetch nothing more until the group assigns the partitions again
-            self.consumer.pause(*self.consumer.assignment())
-        self.metrics.assigned.set(0)
-        self.metrics.owner_epoch.set(0)
         self.batcher.clear()
+        return learnt
 
-    def _drop(self, exc: Fenced, *, rejoin: bool = True) -> None:
-        """Fenced while owning the stream: publish, journal, checkpoint and commit nothing more; stand by.
-
-        The model in memory is abandoned (the next assignment loads the newest
-        checkpoint). ``rejoin``: ask the group for a fresh assignment (when the client
-        itself has not noticed yet).
-        """
-        if self._epoch is None and not self._owns:
-            return
-        log.error("FENCED (%s): %s. Stopping all writes (outputs, journal, checkpoints, commits) and standing by; "
-                  "the newest owner continues from the shared checkpoint directory", exc.reason, exc)
-        self.metrics.fenced.labels(exc.reason).inc()
-        self._release()  # the last update's drift record is not published: the next owner replays its batch
-        self._dropped = True
-        if rejoin and self.consumer is not None:
-            request_rejoin(self.consumer)
-
-    def _checkpoint_fenced(self, exc: Fenced) -> None:
-        """The checkpoint thread found a newer epoch (runs there): the loop drops at its next check."""
-        if exc.reason == "lease":
-            self._refused.set()
-
-    def _assigned(self, partitions: list[TopicPartition]) -> None:
-        self.metrics.assigned.set(len(partitions))
-        self._check_log_starts = bool(partitions)  # a blocking call: done on the loop's thread
-        self._owns = bool(partitions)
+    def begin_assignment(self, partitions: list[TopicPartition]) -> None:
+        """A new assignment begins: forget what was polled, check the positions against the log at the next poll."""
+        self.positions.assigned(partitions)  # a blocking call: done on the loop's thread
         self._last_activity = time.monotonic()
-        self._lost.clear()
-        self._refused.clear()
-        self.batcher.clear()  # polled before the seek below: maybe from the group's committed offsets
+        self.batcher.clear()  # polled before the seek in resume: maybe from the group's committed offsets
         self._held = None
-        if not partitions:
-            log.info("standby: another instance of group %s owns the input partitions", self.settings.kafka.group_id)
-            return
-        if self._epoch is not None:  # reassigned without a revocation event: hand over to itself
-            self.checkpoint()
-        generation, member = group_generation(self.consumer)
-        self._epoch = self.lease.claim(generation, member)
-        self.metrics.owner_epoch.set(self._epoch)
-        log.info("owner epoch %d (group generation %d)", self._epoch, generation)
-        self._resume_newest()
+
+    def adopt(self, model) -> None:
+        """Continue from ``model``, the newest checkpoint, and the offsets stored with it."""
+        self.model = model
+        self.offsets = checkpoint_offsets(model, self.settings.kafka.input_topic)
+        self.checkpointer.reset(model.version_, written_by=checkpoint_owner(model))
+        self.metrics.record_model(model)
+        log.info("resuming from %s (model version %d)", model.checkpoint_path_, model.version_)
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        """Replay the journal after the model's checkpoint; read ``partitions`` from the model's offsets."""
         self.journal.seal()
         self.batcher.replay_from(self.journal.following(self.model.version_, self.offsets))
         # The checkpoint is the truth: a partition it has no offset for is one the model
@@ -725,28 +527,9 @@ class StreamService:
         self.outputs.on_assigned()
         log.info("assigned %s; resuming at %s", [tp.partition for tp in partitions], self.offsets or "the beginning")
 
-    def _resume_newest(self) -> None:
-        """Another instance may have moved on since this one loaded: resume from the newest state."""
-        from stream_dec import CheckpointError
-
-        self.checkpointer.wait()
-        try:
-            newest = read_newest(self.settings)
-        except CheckpointError:
-            return
-        # The model in memory is kept only if it is exactly the newest checkpoint: the one
-        # this instance wrote or loaded last, with nothing learnt since. Any other state
-        # (ahead of the checkpoint, or of another lineage) may differ from what the
-        # stream's outputs say: the journal replays from the checkpoint instead.
-        same = not self._dropped and newest.version_ == self.model.version_ and checkpoint_owner(newest) == self.checkpointer.written_by
-        if not same:
-            self.model = newest
-            self.offsets = checkpoint_offsets(newest, self.settings.kafka.input_topic)
-            self.checkpointer.reset(newest.version_, written_by=checkpoint_owner(newest))
-            self.metrics.record_model(newest)
-            log.info("resuming from %s (model version %d)", newest.checkpoint_path_, newest.version_)
-        self._dropped = False
-
+    def assignment_done(self, partitions: list[TopicPartition]) -> None:
+        """The assignment is in effect: tell the hooks."""
+        self.hooks.on_assigned([tp.partition for tp in partitions])
 
 
 def _offset_ranges(records: list) -> dict[int, tuple[int, int]]:
