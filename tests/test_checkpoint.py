@@ -143,16 +143,18 @@ def test_format_1_checkpoint_loads_and_continues_as_the_old_code_did(rule, tmp_p
     assert m.checkpoint_extra_ == {"offsets": {"in": {"0": 42}}}
     assert np.array_equal(m.predict(expected["X"]), expected["labels"])
     state = m._state(None)
-    assert state["format"] == persistence.FORMAT_VERSION == 2
+    assert state["format"] == persistence.FORMAT_VERSION == 3
+    assert set(m.parent_ids_.values()) == {None}  # format 1 had no hierarchy: every id is a root
     assert set(state["rule"]) == ({"name"} if rule == "mean" else {"name", "adam_m", "adam_v", "adam_t"})
     report = m.partial_fit(expected["X_next"]).to_dict()
     report.pop("update_ms")
     report.pop("plan", None)
+    assert [e["event"] for e in report.pop("lifecycle")] == ["born"] * len(report["new_cluster_ids"])
     assert report == ast.literal_eval(str(expected["report_next"]))
     assert np.array_equal(m.predict(expected["X"]), expected["labels_next"])
-    # Saved again, it is a format-2 file that loads to the same model.
-    m2 = StreamDEC.load(m.save(tmp_path / "v2.sdec"))
-    assert ckpt.read_verified(tmp_path / "v2.sdec")["format"] == 2
+    # Saved again, it is a format-3 file that loads to the same model.
+    m2 = StreamDEC.load(m.save(tmp_path / "v3.sdec"))
+    assert ckpt.read_verified(tmp_path / "v3.sdec")["format"] == 3
     assert np.array_equal(m2.predict(expected["X"]), expected["labels_next"])
 
 
@@ -160,3 +162,21 @@ def test_atomic_write_leaves_no_temp_files(fitted, tmp_path):
     fitted.save(tmp_path / "a.sdec")
     fitted.save(tmp_path / "a.sdec")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sdec"]
+
+
+def test_parent_ids_round_trip_and_format_2_migrates_to_roots(fitted, blobs, tmp_path):
+    m = _updated(fitted, blobs, tmp_path, n=6)
+    assert m.spawned_.any(), "the fixture stream must spawn a cluster"
+    m2 = StreamDEC.load(m.save(tmp_path / "m.sdec"))
+    assert m2.parent_ids_ == m.parent_ids_ and m2.summary()["tree"] == m.summary()["tree"]
+    # A format-2 state (no parent, born or support columns) loads with every id a root.
+    state = m._state(None)
+    state["format"] = 2
+    for name in ("parent", "born", "support"):
+        del state["clusters"][name]
+    ckpt.write_atomic(tmp_path / "v2.sdec", state)
+    old = StreamDEC.load(tmp_path / "v2.sdec")
+    assert old.parent_ids_ == {int(i): None for i in m.cluster_ids_}
+    assert old.clusters_.born.tolist() == [0 if not s else -1 for s in m.spawned_.tolist()]
+    X = np.concatenate([blobs["X"], blobs["X_new"]])
+    assert np.array_equal(old.predict(X), m.predict(X))

@@ -52,14 +52,16 @@ def test_published_clusters_are_never_dropped():
 def test_state_round_trip():
     t, ewc, rule = _table()
     t.begin_update()
-    t.append(NewCluster(centre=torch.ones(4), gate=2.0, radius=5.0, support=30))
+    t.append(NewCluster(centre=torch.ones(4), gate=2.0, radius=5.0, support=30, parent=1, born=7))
     t2 = ClusterTable.from_state(t.state(), torch.device("cpu"))
     assert set(t.state()) == {"next_id"} | {f.name for f in FIELDS}
     assert t2.ids.dtype == np.int64 and np.array_equal(t2.ids, t.ids) and t2.next_id == t.next_id
     for f in FIELDS[1:]:
-        assert torch.equal(getattr(t2, f.name), getattr(t, f.name)), f.name
+        same = np.array_equal if f.host else torch.equal
+        assert same(getattr(t2, f.name), getattr(t, f.name)), f.name
     ewc2 = OnlineEWC.from_state(ewc.state(), torch.device("cpu"))
     assert torch.equal(ewc2.fisher, ewc.fisher) and torch.equal(ewc2.evidence, ewc.evidence)
+    assert t2.parent_ids() == {0: None, 1: None, 2: None, 3: 1} and t2.born.tolist() == [0, 0, 0, 7]
     rule2 = DecRule(len(t), 4)
     rule2.load_state(rule.state())
     assert torch.equal(rule2.m, rule.m)

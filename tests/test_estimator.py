@@ -320,3 +320,49 @@ def test_predict_with_confidence_matches_predict_and_proba(fitted, blobs):
     P = fitted.predict_proba(X)
     assert np.array_equal(ids, fitted.predict(X))
     assert np.allclose(conf, P[np.arange(len(X)), np.searchsorted(fitted.cluster_ids_, ids)], atol=1e-6)
+
+
+def _stream_with_blob_inside(seed: int = 3):
+    """Three fitted blobs, one of them wide; the novel blob sits inside the wide one's region."""
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((3, 16)) * 6.0
+    wide = np.concatenate([centres[0] + 2.0 * rng.standard_normal((400, 16)), centres[1:].repeat(200, 0)
+                           + 0.6 * rng.standard_normal((400, 16))]).astype(np.float32)
+    inner = centres[0] + 7.0 * np.eye(16)[0]  # within the wide blob's typical radius (2.0 * sqrt(16))
+    def batch(n_new: int):
+        old = np.concatenate([centres[0] + 2.0 * rng.standard_normal((60, 16)), centres[1 + rng.integers(0, 2, 60)]
+                              + 0.6 * rng.standard_normal((60, 16))])
+        return np.concatenate([old, inner + 0.3 * rng.standard_normal((n_new, 16))]).astype(np.float32)
+
+    return wide, batch, inner
+
+
+def test_a_spawn_from_one_ids_items_is_born_its_child(blobs, tmp_path):
+    """The captured items came in under one id: that id is the new cluster's parent, announced by a born event."""
+    fit_X, batch, inner = _stream_with_blob_inside()
+    m = StreamDEC(n_clusters=3, random_state=0, **FAST).fit(fit_X)
+    home = int(np.bincount(m.predict(inner[None, :] + 0.3 * np.random.default_rng(9).standard_normal((200, 16)).astype(np.float32))).argmax())
+    events, reports = [], []
+    for _ in range(8):
+        r = m.partial_fit(batch(40))
+        reports.append(r)
+        events += r.lifecycle
+    new = [i for r in reports for i in r.new_cluster_ids]
+    assert new, "the inner blob must get an id"
+    assert [e["cluster"] for e in events] == new and {e["event"] for e in events} == {"born"}
+    child = events[0]
+    assert child["parent"] == home and child["root"] == m.root_of(child["cluster"]) == home
+    assert child["source_share"] > 0.5 and child["support"] >= m.min_support_ and 0 < child["cohesion"] <= 1
+    assert 0 <= child["founding_taken"] <= 1 and child["window"] >= child["support"] and child["gate"] >= 1
+    assert m.parent_ids_ == {**{i: None for i in range(3)}, **{e["cluster"]: e["parent"] for e in events}}
+    # predict still gives the finest id; roots() maps it up the hierarchy.
+    ids = m.predict(inner[None, :] + 0.3 * np.random.default_rng(10).standard_normal((100, 16)).astype(np.float32))
+    assert child["cluster"] in set(ids.tolist())
+    assert set(m.roots(ids).tolist()) <= {home} | {e["cluster"] for e in events if e["parent"] is None}
+    tree = m.summary()["tree"]
+    assert [n["id"] for n in tree] == [i for i, p in m.parent_ids_.items() if p is None]
+    node = next(n for n in tree if n["id"] == home)
+    assert child["cluster"] in [c["id"] for c in node["children"]]
+    kid = next(c for c in node["children"] if c["id"] == child["cluster"])
+    assert (kid["born"], kid["support"]) == (child["model_version"], child["support"])

@@ -16,9 +16,13 @@ append and drop, so they stay in step without being listed here.
 2
 >>> t.ids.tolist(), t.gate.tolist(), t.spawned.tolist()
 ([0, 1, 2], [1.0, 1.0, 4.0], [False, False, True])
->>> t.drop(2)
+>>> t.append(NewCluster(centre=torch.ones(3), gate=4.0, radius=2.0, support=12, parent=2, born=5))
+3
+>>> t.parent_ids(), t.roots(np.array([3, 0])).tolist()
+({0: None, 1: None, 2: None, 3: 2}, [2, 0])
+>>> t.drop(3)
 >>> len(t), t.next_id
-(2, 3)
+(3, 4)
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class NewCluster:
     gate: float  # factor its squared distances are inflated by (calibrated on the reservoir)
     radius: float  # squared-distance quantile of what it captured
     support: int  # window items it captured
+    parent: int | None = None  # the id it refines (None: a root)
+    born: int = 0  # model version of the update that made it
 
 
 class ClusterPart(Protocol):
@@ -76,6 +82,10 @@ def _given(name: str) -> Callable[[torch.Tensor, Any], Any]:
     return fitted
 
 
+NO_PARENT = -1  # the parent column's value for a root
+UNKNOWN = -1  # birth version or support a checkpoint written before they were recorded lacks
+
+
 def _row(table: "ClusterTable", value: float) -> torch.Tensor:
     return torch.tensor([value], device=table.device)
 
@@ -99,6 +109,15 @@ FIELDS: tuple[Field, ...] = (
     # A new cluster starts at the mean frequency of the clusters the update started with.
     Field("freq", "running soft frequency (the DEC target's f_j)",
           _given("freq"), lambda t, n: _row(t, float(t.freq[: t.mark].mean()))),
+    # The hierarchy is recorded only: assignment never reads these three columns.
+    Field("parent", "id this cluster refines (int64, NO_PARENT for a root)",
+          lambda c, v: np.full(c.shape[0], NO_PARENT, dtype=np.int64),
+          lambda t, n: np.array([NO_PARENT if n.parent is None else n.parent], dtype=np.int64), host=True),
+    Field("born", "model version that made it (int64, 0 for fitted clusters)",
+          lambda c, v: np.zeros(c.shape[0], dtype=np.int64), lambda t, n: np.array([n.born], dtype=np.int64), host=True),
+    Field("support", "items it was founded on (int64): fitted items, or window items captured at birth",
+          lambda c, v: np.full(c.shape[0], UNKNOWN, dtype=np.int64) if v is None else np.asarray(v, dtype=np.int64),
+          lambda t, n: np.array([n.support], dtype=np.int64), host=True),
 )
 
 
@@ -153,6 +172,21 @@ class ClusterTable:
             setattr(self, f.name, old[keep_np] if f.host else old[keep])
         for part in self.parts:
             part.on_drop(keep)
+
+    def parent_ids(self) -> dict[int, int | None]:
+        """Every id and the id it refines (None for a root)."""
+        return {int(i): (None if p == NO_PARENT else int(p)) for i, p in zip(self.ids, self.parent)}
+
+    def roots(self, ids: np.ndarray) -> np.ndarray:
+        """The root (top ancestor) of every id in ``ids`` (int64 array of live ids)."""
+        top = np.arange(self.next_id, dtype=np.int64)
+        parent = np.full(self.next_id, NO_PARENT, dtype=np.int64)
+        parent[self.ids] = self.parent
+        # A parent is always older than its child, so one pass in id order resolves every chain.
+        for i in self.ids:
+            if parent[i] != NO_PARENT:
+                top[i] = top[parent[i]]
+        return top[np.asarray(ids, dtype=np.int64)]
 
     def state(self) -> dict:
         """Plain-data state for checkpoints (CPU tensors)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ class UpdateContext:
     proposals: int | None = None
     guard_cut: bool = False
     turnover: int | None = None  # the window's turnover counter before a spawn search reset it
+    births: dict = field(default_factory=dict)  # new id -> evidence of its birth (spawn.maybe_spawn)
 
     def out_of_time(self) -> bool:
         """Whether a fresh update has used its wall-clock budget (never, on a replay)."""

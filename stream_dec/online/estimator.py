@@ -14,6 +14,10 @@ How one online update protects what downstream systems already store:
 * **new clusters need evidence** (:mod:`stream_dec.online.novelty`): a dense group in a
   window of recent items that the old centres do not explain, with minimum support,
   persistence over batches and cohesion;
+* **ids form a hierarchy** (``parent_ids_``): a new cluster whose birth items came in
+  mostly (more than half) under one id is recorded as that id's child, otherwise it is
+  a new root; each birth is announced in the report's ``lifecycle`` events. The
+  hierarchy is recorded only: ``predict`` returns the finest id and no label depends on it;
 * a **churn guard** measures how many remembered items an update would relabel and
   shrinks the centre step or drops new clusters until it is within budget.
 
@@ -45,7 +49,7 @@ from stream_dec import checkpoint as ckpt
 from stream_dec._validation import Each, InstanceOf, Interval, NoneOr, Options, check_embeddings, check_params, resolve_device
 from stream_dec.model import Autoencoder, pretrain_autoencoder, refine_dec, soft_assignment, squared_distances
 from stream_dec.online import gates, persistence
-from stream_dec.online.clusters import ClusterTable
+from stream_dec.online.clusters import NO_PARENT, ClusterTable
 from stream_dec.online.context import UpdateContext
 from stream_dec.online.ewc import OnlineEWC
 from stream_dec.online.guard import churn_guard
@@ -151,8 +155,9 @@ class StreamDEC(ClusterMixin, BaseEstimator):
     Examples
     --------
     Fit on three blobs, then stream batches in which a fourth blob appears: the old
-    ids stay where they were and the new blob gets the next fresh id (ids are flat and
-    append-only: a new cluster has no parent).
+    ids stay where they were and the new blob gets the next fresh id (ids are append-only;
+    ``parent_ids_`` records the id most of its items came in under, if one held more
+    than half of them, and ``predict`` keeps returning the finest id).
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -391,7 +396,9 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         """The parts of the online model, from the fitted centres and the fit data's latents ``z``."""
         k = centres.shape[0]
         lab, counts, radius, spread = _fitted_geometry(z, centres, self.novelty_quantile)
-        self.clusters_ = ClusterTable.from_fit(centres, radius=radius, freq=(counts.float() / counts.sum()).clamp_min(1e-6))
+        self.clusters_ = ClusterTable.from_fit(
+            centres, radius=radius, freq=(counts.float() / counts.sum()).clamp_min(1e-6), support=counts.cpu().numpy()
+        )
         self.ewc_ = OnlineEWC.from_fit(z, centres, counts, self.alpha)
         self.rule_ = make_rule(self.centre_rule, k, centres.shape[1], centres.device)
         self.clusters_.parts = [self.ewc_, self.rule_]
@@ -446,6 +453,24 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         return self._encode(self._prepare(X)).cpu().numpy()
 
     @property
+    def parent_ids_(self) -> dict[int, int | None]:
+        """Every id of ``cluster_ids_`` and the id it refines (None for a root: fitted or a new top-level group)."""
+        self._check_fitted()
+        return self.clusters_.parent_ids()
+
+    def root_of(self, cluster_id: int) -> int:
+        """The root (top ancestor) of ``cluster_id``; a root is its own."""
+        self._check_fitted()
+        if int(cluster_id) not in set(self.clusters_.ids.tolist()):
+            raise KeyError(f"no cluster {cluster_id}")
+        return int(self.clusters_.roots(np.array([cluster_id]))[0])
+
+    def roots(self, ids) -> np.ndarray:
+        """The root of every id in ``ids`` (ids from ``predict``), as an int64 array."""
+        self._check_fitted()
+        return self.clusters_.roots(np.asarray(ids, dtype=np.int64))
+
+    @property
     def n_clusters_(self) -> int:
         """Current number of clusters (grows as new groups are found)."""
         self._check_fitted()
@@ -476,12 +501,13 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         )
         spawned = maybe_spawn(self, u, res_both)
         churn, action, after = churn_guard(self, u, res_both, spawned)
+        lifecycle = self._births(u, after)
         # Statistics draw from the update's generator before the reservoir does.
         self._update_statistics(u)
         self._res_ids = self._remember(u, aged_z, aged_ids, spawned, after)
         self.version_ = u.version
         self.n_seen_ += int(z.shape[0])
-        return self._report(u, churn, action)
+        return self._report(u, churn, action, lifecycle)
 
     def _rule(self):
         """The centre rule object for ``centre_rule`` (a fresh one if the parameter changed)."""
@@ -554,7 +580,27 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             after[slots] = gates.assign(t, res[slots])
         return after
 
-    def _report(self, u: UpdateContext, churn: float, action: str) -> DriftReport:
+    def _births(self, u: UpdateContext, after: torch.Tensor) -> list[dict]:
+        """One ``born`` lifecycle event per new id the update kept, with the evidence of its birth.
+
+        ``founding_taken`` is the share of the parent's remembered items (reservoir items
+        first labelled with the parent) that the new id holds after the update.
+        """
+        t, events = self.clusters_, []
+        ids_after = t.ids[after.cpu().numpy()] if len(after) else np.zeros(0, dtype=np.int64)
+        published = u.published.cpu().numpy()
+        for row in range(u.k_old, len(t)):
+            cid, parent = int(t.ids[row]), int(t.parent[row])
+            own = published == parent
+            taken = float((ids_after[own] == cid).mean()) if parent != NO_PARENT and own.any() else 0.0
+            events.append({
+                "event": "born", "cluster": cid, "parent": None if parent == NO_PARENT else parent,
+                "root": int(t.roots(np.array([cid]))[0]), "model_version": u.version,
+                **u.births[cid], "founding_taken": taken,
+            })
+        return events
+
+    def _report(self, u: UpdateContext, churn: float, action: str, lifecycle: list[dict]) -> DriftReport:
         t, k_old, plan = self.clusters_, u.k_old, u.plan()
         shift = float((t.centres[:k_old] - u.old_centres).norm(dim=1).mean() / torch.sqrt(t.radius[:k_old]).mean())
         return DriftReport(
@@ -571,6 +617,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             budget_exhausted=plan.cut,
             guard_action=action,
             plan=plan.to_dict(),
+            lifecycle=lifecycle,
         )
 
     def _label_only(self, z: torch.Tensor, t0: float) -> DriftReport:
@@ -637,6 +684,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             "n_clusters": self.n_clusters_,
             "cluster_ids": [int(i) for i in t.ids],
             "spawned_ids": [int(i) for i, s in zip(t.ids, t.spawned.cpu().numpy()) if s],
+            "parent_ids": t.parent_ids(),
+            "tree": _tree(t),
             "next_id": int(t.next_id),
             "max_clusters": int(self.max_clusters_),
             "min_support": int(self.min_support_),
@@ -647,6 +696,22 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             "seed": int(self.seed_),
             "device": str(self.device_),
         }
+
+
+def _tree(t: ClusterTable) -> list[dict]:
+    """The ids as a forest: ``[{"id", "born", "support", "children": [...]}]``, roots and children in id order.
+
+    ``born`` is the model version of the id's birth (0: fitted), ``support`` the items it
+    was founded on; either is None where the checkpoint it came from did not record it.
+    """
+    nodes = {
+        int(i): {"id": int(i), "born": None if b < 0 else int(b), "support": None if n < 0 else int(n), "children": []}
+        for i, b, n in zip(t.ids, t.born, t.support)
+    }
+    forest = []
+    for i, p in zip(t.ids, t.parent):
+        (forest if p == NO_PARENT else nodes[int(p)]["children"]).append(nodes[int(i)])
+    return forest
 
 
 @torch.no_grad()

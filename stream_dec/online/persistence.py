@@ -1,22 +1,28 @@
 """The model as a checkpoint state dict, and back (the file format is :mod:`stream_dec.checkpoint`).
 
-Format 2 (the one written)::
+Format 3 (the one written)::
 
-    format            2
+    format            3
     params            get_params() (tuples as lists)
     autoencoder       state_dict of the frozen autoencoder; autoencoder_dims its layer sizes
     mean              input mean [n_features]; the global input scale is scalars["scale_"]
     scalars           seed_, n_features_in_, scale_, version_, cohesion_, separation_,
                       latent_scale_, min_support_, max_clusters_, n_seen_
     clusters          the cluster table (stream_dec/online/clusters.py): next_id and one
-                      tensor per column: ids, centres, memory, spawned, gate, gate_cur, radius, freq
+                      tensor per column: ids, centres, memory, spawned, gate, gate_cur, radius, freq,
+                      parent (the id each refines, -1 for a root), born (model version of its
+                      birth), support (items it was founded on; -1 where unknown)
     ewc               fisher, anchor, evidence (stream_dec/online/ewc.py)
     rule              {"name": centre rule, **its state}: nothing for "mean"; adam_m, adam_v,
                       adam_t for "dec" (stream_dec/online/rules.py)
     reservoir, buffer the reservoir and novelty window (numpy arrays stored as tensors)
     extra             the caller's plain data (e.g. consumer offsets)
 
-Format 1 (written before) is migrated on load: ``tensors`` held every per-cluster
+Format 2 is format 3 without the ``parent``, ``born`` and ``support`` columns; it is
+migrated on load with every id a root, born at version 0 when fitted and at an unknown
+version (-1) when spawned, support unknown (-1): a format-2 model had no hierarchy.
+
+Format 1 (written before) is migrated on load (to format 2, then 3): ``tensors`` held every per-cluster
 tensor under its attribute name (``centres_`` ... ``evidence_``) plus ``mean_``;
 ``cluster_ids`` and ``scalars["next_id_"]`` move into ``clusters``; ``fisher_``,
 ``ewc_anchor_`` and ``evidence_`` into ``ewc``; ``adam_m_``, ``adam_v_`` and ``adam_t_``
@@ -35,7 +41,7 @@ import torch
 
 from stream_dec.checkpoint import CheckpointError
 from stream_dec.model import Autoencoder
-from stream_dec.online.clusters import ClusterTable
+from stream_dec.online.clusters import NO_PARENT, UNKNOWN, ClusterTable
 from stream_dec.online.ewc import OnlineEWC
 from stream_dec.online.novelty import NoveltyBuffer
 from stream_dec.online.reservoir import Reservoir
@@ -44,7 +50,7 @@ from stream_dec.online.rules import make_rule
 if TYPE_CHECKING:  # pragma: no cover
     from stream_dec.online.estimator import StreamDEC
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SCALARS = ("seed_", "n_features_in_", "scale_", "version_", "cohesion_", "separation_", "latent_scale_", "min_support_", "max_clusters_", "n_seen_")
 
 
@@ -110,9 +116,11 @@ def migrate(state: dict, source: Path | str = "checkpoint") -> dict:
     """``state`` in the current format (format 1 is converted; unknown formats raise)."""
     fmt = state.get("format")
     if fmt == 1:
-        return _v1_to_v2(state)
+        state, fmt = _v1_to_v2(state), 2
+    if fmt == 2:
+        state, fmt = _v2_to_v3(state), 3
     if fmt != FORMAT_VERSION:
-        raise CheckpointError(f"{source} has format {fmt!r}, expected 1 or {FORMAT_VERSION}")
+        raise CheckpointError(f"{source} has format {state.get('format')!r}, expected 1, 2 or {FORMAT_VERSION}")
     return state
 
 
@@ -125,7 +133,7 @@ def _v1_to_v2(state: dict) -> dict:
     clusters.update({name: t[f"{name}_"] for name in ("centres", "memory", "spawned", "gate", "gate_cur", "radius", "freq")})
     return {
         **{k: state[k] for k in ("params", "autoencoder", "autoencoder_dims", "reservoir", "buffer")},
-        "format": FORMAT_VERSION,
+        "format": 2,
         "mean": t["mean_"],
         "scalars": sc,
         "clusters": clusters,
@@ -133,6 +141,15 @@ def _v1_to_v2(state: dict) -> dict:
         "rule": rule,
         "extra": state.get("extra", {}),
     }
+
+
+def _v2_to_v3(state: dict) -> dict:
+    clusters = dict(state["clusters"])
+    spawned = clusters["spawned"].cpu().numpy().astype(bool)
+    clusters["parent"] = torch.full((len(spawned),), NO_PARENT, dtype=torch.int64)
+    clusters["born"] = torch.from_numpy(np.where(spawned, UNKNOWN, 0).astype(np.int64))
+    clusters["support"] = torch.full((len(spawned),), UNKNOWN, dtype=torch.int64)
+    return {**state, "format": 3, "clusters": clusters}
 
 
 def _tensors(d: dict) -> dict:

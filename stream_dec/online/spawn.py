@@ -8,6 +8,10 @@ what it captures behind that gate. It is accepted only if it still captures
 ``min_support`` window items from at least two batches, as compactly as the fitted
 clusters (a duplicate of an old cluster fails: its calibrated gate leaves it nothing).
 
+An accepted cluster's parent is the id that held more than half of its captured window
+items when they came in (the window keeps the id each item had; ``source_share``);
+otherwise it is a new root. The parent is recorded, not used: assignment ignores it.
+
 Under the update's time budget a due search does not start once the time is spent,
 and stops checking proposals when it runs out; either way the window's turnover
 counter is left as it was, so the search is due again at the next batch.
@@ -77,10 +81,30 @@ def maybe_spawn(est: "StreamDEC", u: UpdateContext, res_both: torch.Tensor | Non
         if float(d_c[captured].mean()) > est.cohesion_:
             continue  # cohesion
         radius = max(float(torch.quantile(d_c[captured], est.novelty_quantile)), base_radius)
-        t.append(NewCluster(centre=c, gate=gate, radius=radius, support=n_cap))
-        captured_rows.append(np.flatnonzero(captured.cpu().numpy()))
+        rows = np.flatnonzero(captured.cpu().numpy())
+        parent, share = source(buf.ids[rows])
+        row = t.append(NewCluster(centre=c, gate=gate, radius=radius, support=n_cap, parent=parent, born=u.version))
+        u.births[int(t.ids[row])] = {
+            "support": n_cap, "source_share": share, "window": len(buf), "gate": float(gate),
+            "cohesion": float(d_c[captured].mean()) / est.cohesion_,
+        }
+        captured_rows.append(rows)
         d_win = torch.minimum(d_win, d_c * gate)
     return captured_rows
+
+
+def source(ids: np.ndarray) -> tuple[int | None, float]:
+    """``(parent, share)``: the id most of ``ids`` had and its share; parent None unless share > 1/2.
+
+    >>> source(np.array([4, 4, 4, 1]))
+    (4, 0.75)
+    >>> source(np.array([4, 4, 1, 1]))
+    (None, 0.5)
+    """
+    vals, counts = np.unique(ids, return_counts=True)
+    top = int(counts.argmax())
+    share = float(counts[top]) / float(counts.sum())
+    return (int(vals[top]) if share > 0.5 else None), share
 
 
 def _propose(est: "StreamDEC", zw: torch.Tensor, d_win: torch.Tensor, seed: int, max_new: int) -> list[torch.Tensor]:
