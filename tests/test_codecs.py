@@ -27,6 +27,7 @@ from stream_dec.io.codecs import (
     encode_assignment,
     encode_assignments,
     encode_drift,
+    encode_lifecycle,
     encode_float32,
     encode_json,
 )
@@ -203,7 +204,7 @@ def test_encoders_refuse_non_vectors():
 
 
 def test_schemas_are_valid_draft_2020_12():
-    for name in ("input", "assignment", "drift", "dlq-headers", "dlq-value-stub"):
+    for name in ("input", "assignment", "drift", "lifecycle", "dlq-headers", "dlq-value-stub"):
         s = schema(name)
         assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema"
         jsonschema.Draft202012Validator.check_schema(s)
@@ -356,3 +357,46 @@ def test_decode_batch_one_bad_json_row_does_not_spoil_the_rest():
     assert np.array_equal(got.X[:, 0], np.arange(5, dtype=np.float32))
     empty = decode_batch([], dim=3)
     assert empty.X.shape == (0, 3) and not empty.ids and not empty.failures
+
+
+def test_assignment_root_follows_cluster_in_both_encoders():
+    conf = np.array([0.5, 0.25], dtype=np.float32)
+    got = encode_assignments(["a", "b"], [7, 2], conf, 3, "in", [0, 1], [5, 6], roots=[2, 2])
+    assert got == [encode_assignment(i, c, q, 3, "in", p, o, root=r) for i, c, r, q, p, o in zip(["a", "b"], [7, 2], [2, 2], conf, [0, 1], [5, 6])]
+    rec = orjson.loads(got[0])
+    assert list(rec)[:4] == ["kind", "id", "cluster", "root"] and rec["root"] == 2
+    v = validator("assignment")
+    v.validate(rec)
+    assert not v.is_valid({**rec, "root": -1}) and not v.is_valid({**rec, "root": "2"})
+
+
+def test_lifecycle_records_from_a_real_update_validate(tmp_path):
+    """The born events of a real spawn encode to records the lifecycle schema accepts."""
+    from stream_dec import StreamDEC
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 8)) * 8
+
+    def blobs(k, n):
+        return (centres[rng.integers(0, k, n)] + rng.normal(size=(n, 8))).astype(np.float32)
+
+    m = StreamDEC(n_clusters=3, hidden_dims=(), pretrain_epochs=5, refine_max_iter=0, n_init=1, random_state=0, verbose=False,
+                  device="cpu").fit(blobs(3, 300))
+    events = []
+    for _ in range(6):
+        events += m.partial_fit(np.concatenate([blobs(3, 60), centres[3] + rng.normal(size=(30, 8)).astype(np.float32)])).lifecycle
+    assert [e["cluster"] for e in events] == [3]
+    v = validator("lifecycle")
+    rec = orjson.loads(encode_lifecycle(events[0], topic="embeddings"))
+    v.validate(rec)
+    assert rec["kind"] == "lifecycle" and rec["event"] == "born" and rec["cluster"] == 3 and rec["topic"] == "embeddings"
+    assert rec["root"] == (3 if rec["parent"] is None else rec["parent"]) and rec["parent"] == m.parent_ids_[3]
+    for field, bad in (("cluster", -1), ("parent", "2"), ("source_share", 1.5), ("kind", "drift"), ("gate", 0.5)):
+        assert not v.is_valid({**rec, field: bad}), field
+    assert not v.is_valid({k: val for k, val in rec.items() if k != "support"})
+    with pytest.raises(ValueError, match="unknown lifecycle event"):
+        encode_lifecycle({**events[0], "event": "merged"})
+    with pytest.raises(ValueError, match="lacks support"):
+        encode_lifecycle({k: val for k, val in events[0].items() if k != "support"})
+    with pytest.raises(ValueError, match="own root"):
+        encode_lifecycle({**events[0], "parent": None, "root": 0})

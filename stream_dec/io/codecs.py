@@ -371,16 +371,21 @@ def encode_assignment(
     topic: str,
     partition: int,
     offset: int,
+    *,
+    root: int | None = None,
     **extra: Any,
 ) -> bytes:
     """JSON value of an ``assignment`` output record (one per valid input record).
 
-    ``extra`` adds fields (JSON-serialisable) after the fixed ones; it may not replace them.
+    ``root`` (the top ancestor of ``cluster`` in the id hierarchy) follows ``cluster``
+    when given. ``extra`` adds fields (JSON-serialisable) after the fixed ones; it may
+    not replace them.
     """
-    rec = {
+    rec: dict[str, Any] = {
         "kind": "assignment",
         "id": str(item_id),
         "cluster": int(cluster),
+        **({} if root is None else {"root": int(root)}),
         # A float32 stays float32 so orjson writes its short form (0.9, not 0.8999999761581421).
         "confidence": confidence if isinstance(confidence, np.float32) else float(confidence),
         "model_version": int(model_version),
@@ -399,17 +404,27 @@ def encode_assignments(
     topic: str,
     partitions: Sequence[int],
     offsets: Sequence[int],
+    roots: Sequence[int] | None = None,
 ) -> list[bytes]:
     """:func:`encode_assignment` for a whole batch (same bytes; no ``extra`` fields).
 
     The service's per-record budget is a few microseconds: this skips the per-call
-    conversions and checks (``clusters``/``partitions``/``offsets`` are Python ints,
-    ``confidences`` a float32 array).
+    conversions and checks (``clusters``/``roots``/``partitions``/``offsets`` are Python
+    ints, ``confidences`` a float32 array).
     """
     dumps, opt = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
     version = int(model_version)
     topic = str(topic)
     conf = np.asarray(confidences, dtype=np.float32)
+    if roots is not None:
+        return [
+            dumps(
+                {"kind": "assignment", "id": i, "cluster": c, "root": r, "confidence": q, "model_version": version, "topic": topic,
+                 "partition": p, "offset": o},
+                option=opt,
+            )
+            for i, c, r, q, p, o in zip(ids, clusters, roots, conf, partitions, offsets)
+        ]
     return [
         dumps(
             {"kind": "assignment", "id": i, "cluster": c, "confidence": q, "model_version": version, "topic": topic, "partition": p, "offset": o},
@@ -457,6 +472,39 @@ def encode_drift(report: Any, *, topic: str, offset_ranges: Mapping[int, tuple[i
     rec["offset_ranges"] = [
         {"partition": int(p), "first_offset": int(first), "last_offset": int(last)} for p, (first, last) in sorted(offset_ranges.items())
     ]
+    return _with_extra(rec, extra)
+
+
+LIFECYCLE_EVENTS = ("born",)
+_LIFECYCLE_IDS = ("cluster", "parent", "root", "model_version")
+_LIFECYCLE_EVIDENCE = {"born": ("support", "source_share", "window", "gate", "cohesion", "founding_taken")}
+_LIFECYCLE_INTS = ("support", "window")
+
+
+def encode_lifecycle(event: Mapping[str, Any], **extra: Any) -> bytes:
+    """JSON value of a ``lifecycle`` output record (one per event in an id's life; key: the cluster id).
+
+    ``event`` is one entry of a ``DriftReport``'s ``lifecycle`` list
+    (schemas/lifecycle.schema.json): ``event``, ``cluster``, ``parent`` (None for a root),
+    ``root``, ``model_version`` and the event's evidence. Non-finite evidence becomes ``null``.
+
+    >>> encode_lifecycle({"event": "born", "cluster": 7, "parent": 2, "root": 0, "model_version": 5, "support": 40,
+    ...                   "source_share": 0.9, "window": 800, "gate": 1.5, "cohesion": 0.7, "founding_taken": 0.0})
+    b'{"kind":"lifecycle","event":"born","cluster":7,"parent":2,"root":0,"model_version":5,"support":40,"source_share":0.9,"window":800,"gate":1.5,"cohesion":0.7,"founding_taken":0.0}'
+    """
+    kind = event.get("event")
+    if kind not in LIFECYCLE_EVENTS:
+        raise ValueError(f"unknown lifecycle event {kind!r} (known: {', '.join(LIFECYCLE_EVENTS)})")
+    missing = [k for k in _LIFECYCLE_IDS + _LIFECYCLE_EVIDENCE[kind] if k not in event]
+    if missing:
+        raise ValueError(f"lifecycle event lacks {', '.join(missing)}")
+    rec: dict[str, Any] = {"kind": "lifecycle", "event": kind}
+    for k in _LIFECYCLE_IDS:
+        rec[k] = None if event[k] is None else int(event[k])
+    if rec["parent"] is None and rec["root"] != rec["cluster"]:
+        raise ValueError("a lifecycle event without a parent must be its own root")
+    for k in _LIFECYCLE_EVIDENCE[kind]:
+        rec[k] = int(event[k]) if k in _LIFECYCLE_INTS else _finite_or_none(event[k])
     return _with_extra(rec, extra)
 
 
