@@ -67,7 +67,7 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import OffsetOutOfRangeError
 
-from stream_dec.io.codecs import decode_batch, encode_assignments, encode_drift
+from stream_dec.io.codecs import decode_batch, encode_assignments, encode_drift, encode_lifecycle
 from stream_dec.io.partitioner import default_partitions
 from stream_dec.service.batcher import Batch, Batcher
 from stream_dec.service.checkpointer import (
@@ -394,7 +394,8 @@ class StreamService:
         # Kafka's own key partitioning, computed for the whole batch (see io/partitioner.py).
         parts = default_partitions(keys, self.outputs.partitions_for(out)).tolist()
         values = encode_assignments(
-            decoded.ids, labels.tolist(), conf, version, valid[0].topic, [r.partition for r in valid], [r.offset for r in valid]
+            decoded.ids, labels.tolist(), conf, version, valid[0].topic, [r.partition for r in valid], [r.offset for r in valid],
+            roots=self.model.roots(labels).tolist(),
         )
         self.outputs.send_many(out, keys, values, parts)
         self.learner.start(self.model, decoded.X, _offset_ranges(valid), plan=self._batch_plan, batch=self._batch_key)
@@ -448,7 +449,7 @@ class StreamService:
         return True
 
     def _settle(self) -> bool:
-        """Wait for the running update, if any, journal its plan and publish its batch's drift record.
+        """Wait for the running update, if any, journal its plan and publish its batch's drift and lifecycle records.
 
         False when the plan cannot be journaled (a directory failure: the update waits,
         its drift record unpublished, and is retried; or fenced): a replay could not
@@ -471,6 +472,8 @@ class StreamService:
                 return False
         drift = encode_drift(update.report, topic=self.settings.kafka.input_topic, offset_ranges=update.ranges)
         self.outputs.send(self.settings.kafka.output_topic, key=DRIFT_KEY, value=drift)
+        for event in update.report.lifecycle:  # after the drift record that names the new ids
+            self.outputs.send(self.settings.kafka.output_topic, key=str(event["cluster"]).encode(), value=encode_lifecycle(event))
         self.metrics.record_update(update.report, self.model)
         self.hooks.on_update(update.report, update.started, update.ended)
         return True
