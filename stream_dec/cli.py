@@ -195,9 +195,31 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from stream_dec import StreamDEC
 
     model = StreamDEC.load(args.checkpoint)
-    info = {"checkpoint": str(model.checkpoint_path_), **model.summary(), "extra": model.checkpoint_extra_}
+    summary = model.summary()
+    info = {"checkpoint": str(model.checkpoint_path_), **summary, "extra": model.checkpoint_extra_}
     print(json.dumps(info, indent=2, default=str))
+    # stdout stays one JSON document for scripts; the tree is for the person reading.
+    print("\n".join(["ids (roots, children indented):", *_tree_lines(summary["tree"])]), file=sys.stderr)
     return 0
+
+
+def _tree_lines(nodes: list[dict], depth: int = 0) -> list[str]:
+    """One line per id of ``summary()["tree"]``, children indented under their parent.
+
+    >>> for line in _tree_lines([{"id": 0, "born": 0, "support": 90, "children": [
+    ...         {"id": 5, "born": 3, "support": 40, "children": []}]}, {"id": 1, "born": None, "support": None, "children": []}]):
+    ...     print(line)
+    0  fitted, support 90
+      5  born v3, support 40
+    1
+    """
+    lines = []
+    for n in nodes:
+        where = [] if n["born"] is None else ["fitted" if n["born"] == 0 else f"born v{n['born']}"]
+        where += [] if n["support"] is None else [f"support {n['support']}"]
+        lines.append(f"{'  ' * depth}{n['id']}" + (f"  {', '.join(where)}" if where else ""))
+        lines += _tree_lines(n["children"], depth + 1)
+    return lines
 
 
 # ---------------------------------------------------------------- produce
@@ -499,7 +521,11 @@ def _add_demo(sub) -> None:
 
 def _add_inspect(sub) -> None:
     """The ``inspect`` subcommand."""
-    i = sub.add_parser("inspect", help="print what a checkpoint holds")
+    i = sub.add_parser(
+        "inspect", help="print what a checkpoint holds",
+        description="Print what a checkpoint holds as JSON on stdout, and its ids as a tree (roots, children "
+        "indented, with birth version and support where known) on stderr.",
+    )
     i.add_argument("--checkpoint", required=True, help="checkpoint file, or a directory (newest valid one)")
     i.set_defaults(func=_cmd_inspect)
 

@@ -50,8 +50,14 @@ def test_train_evaluate_inspect_round_trip(data_files, tmp_path):
     ev_npy = json.loads(_cli("evaluate", "--checkpoint", str(ck), "--data", str(data_files / "blobs.npy")).stdout)
     assert "acc" not in ev_npy and ev_npy["clusters_used"] == 5
 
-    ins = json.loads(_cli("inspect", "--checkpoint", str(ck)).stdout)
+    shown = _cli("inspect", "--checkpoint", str(ck))
+    ins = json.loads(shown.stdout)
     assert ins["cluster_ids"] == [0, 1, 2, 3, 4] and ins["model_version"] == 0 and ins["n_features_in"] == 24
+    assert ins["parent_ids"] == {str(i): None for i in range(5)} and [n["id"] for n in ins["tree"]] == [0, 1, 2, 3, 4]
+    assert sum(n["support"] for n in ins["tree"]) == 1500  # a fitted id's support: the fit items it got
+    tree = shown.stderr.splitlines()
+    assert tree[0].startswith("ids") and [line.split()[0] for line in tree[1:]] == ["0", "1", "2", "3", "4"]
+    assert all("fitted, support" in line for line in tree[1:])
 
 
 def test_train_from_npy_and_quiet(data_files, tmp_path):
