@@ -44,10 +44,10 @@ import numpy as np
 
 try:  # imported as part of the namespace package ``bench``
     from .baselines import FrozenKMeans, MBKMeans, OneCentreOracle, RefitKMeans, TwoPrototypeOracle
-    from .protocol import DRIFT_F, run_class_incremental, run_gradual_drift
+    from .protocol import DRIFT_F, hierarchical_churn, run_class_incremental, run_gradual_drift
 except ImportError:  # bench/ itself is on sys.path (python bench/run_quality.py)
     from baselines import FrozenKMeans, MBKMeans, OneCentreOracle, RefitKMeans, TwoPrototypeOracle
-    from protocol import DRIFT_F, run_class_incremental, run_gradual_drift
+    from protocol import DRIFT_F, hierarchical_churn, run_class_incremental, run_gradual_drift
 
 # The protocol module put this checkout first on sys.path: values parse as `stream-dec train --param` reads them.
 from stream_dec.cli import parse_value  # noqa: E402
@@ -87,6 +87,7 @@ BASELINES: dict[str, Method] = {
 CI_COLUMNS = [
     ("churn", "churn_final", ".3f"),
     ("churn max", "churn_max", ".3f"),
+    ("h churn", "h_churn_final", ".3f"),
     ("ACC all", "acc_all", ".3f"),
     ("ACC new", "acc_new", ".3f"),
     ("ACC ref", "acc_ref", ".3f"),
@@ -102,6 +103,7 @@ GD_COLUMNS = [
     ("trk/oracle", "tracking_vs_oracle", ".2f"),
     ("churn", "churn_final", ".4f"),
     ("churn max", "churn_max", ".4f"),
+    ("h churn", "h_churn_final", ".4f"),
     ("ACC ref", "acc_ref", ".3f"),
     ("pf p50 ms", "pf_ms_p50", ".1f"),
     ("pf p95 ms", "pf_ms_p95", ".1f"),
@@ -150,6 +152,47 @@ def stream_dec_methods(params: dict[str, Any], variants: list[tuple[str, dict[st
     for name, vparams in variants:
         out[f"{STREAM_DEC}:{name}"] = method({**params, **vparams})
     return out
+
+
+class HierarchyProbe:
+    """A model with ``parent_ids_``, seen by the protocol as itself, that also measures hierarchical churn.
+
+    The protocol labels the REF items right after ``fit`` and after every
+    ``partial_fit``, always with the same array: the first ``predict`` after ``fit`` is
+    the reference, and each later ``predict`` of that array after an update scores its
+    hierarchical churn (docs/quality-protocol.md) against it. Every call reaches the
+    model unchanged and in the same order, so every other figure is the model's own.
+    """
+
+    def __init__(self, model: Any):
+        self.model, self.curve = model, []
+        self._ref: np.ndarray | None = None
+        self._ids0: np.ndarray | None = None
+        self._updated = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def fit(self, X, *args, **kwargs) -> "HierarchyProbe":
+        self.model.fit(X, *args, **kwargs)
+        return self
+
+    def partial_fit(self, X, *args, **kwargs) -> Any:
+        self._updated = True
+        return self.model.partial_fit(X, *args, **kwargs)
+
+    def predict(self, X) -> np.ndarray:
+        ids = np.asarray(self.model.predict(X))
+        if self._ref is None:
+            self._ref, self._ids0 = X, ids
+        elif X is self._ref and self._updated:
+            self.curve.append(hierarchical_churn(self._ids0, ids, self.model.parent_ids_)["churn"])
+            self._updated = False
+        return ids
+
+    def results(self) -> dict[str, float]:
+        """``h_churn_final`` and ``h_churn_max`` over the updates (empty before any)."""
+        return {"h_churn_final": self.curve[-1], "h_churn_max": float(max(self.curve))} if self.curve else {}
 
 
 def limit_threads(n: int) -> None:
@@ -292,8 +335,19 @@ def run_one(
 ) -> dict[str, Any]:
     """One method on one set and seed: its result (or error) plus a progress line on stderr."""
     t0 = time.perf_counter()
+    probes: list[HierarchyProbe] = []
+
+    def build(k: int, s: int) -> Any:
+        model = method.build(k, s, n_classes)
+        if not hasattr(type(model), "parent_ids_"):
+            return model
+        probes.append(HierarchyProbe(model))
+        return probes[-1]
+
     try:
-        r = runner(lambda k, s: method.build(k, s, n_classes), X, y, seed)
+        r = runner(build, X, y, seed)
+        for probe in probes:
+            r.update(probe.results())
     except Exception as exc:  # one broken method must not lose the others' results
         traceback.print_exc(file=sys.stderr)
         r = {"error": repr(exc)}
