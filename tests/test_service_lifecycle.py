@@ -80,7 +80,5 @@ def test_lifecycle_records_and_roots_let_a_store_keep_its_labels(broker, blobs, 
     # What this shows: with no relabelling yet, a stored label is the final model's id, or
     # (the novel items labelled before their id was born) an ancestor the lifecycle
     # records name; any other change is churn, within the model's budget.
-    # (On this stream: 1,020 the same, the 80 novel items labelled before id 5 was born
-    # stored as its parent 2, none other.)
     assert same + refined + other == len(items) and refined > 0
     assert other / len(items) <= final.max_total_churn
