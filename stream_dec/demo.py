@@ -630,11 +630,16 @@ class _Published:
     dlq: list
 
 
+def _is_assignment(record) -> bool:
+    """Whether an output record is an assignment (not a drift or lifecycle record)."""
+    return record.value is not None and b'"kind":"assignment"' in record.value
+
+
 def _read_published(servers: str, topics: dict[str, str], n_labels: int, n_dead: int, n_inputs: int) -> _Published:
     """Read the output, dead-letter and input topics back and pair each label with its input record."""
     import orjson
 
-    out = _read_topic(servers, topics["output"], lambda recs: sum(r.key != b"__drift__" for r in recs) >= n_labels, timeout_s=60)
+    out = _read_topic(servers, topics["output"], lambda recs: sum(_is_assignment(r) for r in recs) >= n_labels, timeout_s=60)
     dlq = _read_topic(servers, topics["dlq"], lambda recs: len(recs) >= n_dead, timeout_s=30)
     inputs = _read_topic(servers, topics["input"], lambda recs: len(recs) >= n_inputs, timeout_s=30)
     produced_ts = {r.offset: r.timestamp for r in inputs}  # the producer's CreateTime

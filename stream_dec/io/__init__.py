@@ -19,6 +19,7 @@ from stream_dec.io.codecs import (
     encode_drift,
     encode_float32,
     encode_json,
+    encode_lifecycle,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "encode_drift",
     "encode_float32",
     "encode_json",
+    "encode_lifecycle",
 ]
