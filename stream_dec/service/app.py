@@ -15,7 +15,7 @@ the rooms of stream_dec/service/. The path of one batch, in order::
              ├> DeadLetters.send   deadletters.py   dead letters, on their own producer
              ├> model.predict, outputs.send_many    assignments, by the model after the previous batch
              ├> Learner.start                       partial_fit, overlapping the acks and the next poll
-             ├> DeadLetters.await_acks              each delivered, or logged, counted and skipped
+             ├> DeadLetters.await_acks              each delivered (an outage waited out), or refused: counted, skipped
              ├> outputs.close_batch, await_acks     at-least-once: flush and acks; exactly-once: the
              │                                      drift record and offsets join, the transaction commits
              ├> Checkpointer.take  checkpointer.py  every N batches: snapshot here, written on its
@@ -32,8 +32,9 @@ Invariants (the rooms' docstrings hold their own):
 * At-least-once by default: a batch's offsets are committed only after its outputs
   (assignments, drift record, dead letters) are acknowledged. Exactly-once puts them in
   one transaction per batch, all but the dead letters (deadletters.py says why).
-* Any record yields an assignment or a dead letter; a dead letter that cannot be
-  delivered is logged, counted and skipped, and never stops the loop or the offsets.
+* Any record yields an assignment or a dead letter; a dead letter the broker refuses is
+  logged, counted and skipped, and never stops the loop or the offsets (one held up by
+  an outage waits for the broker, like the assignments).
 * The model and its input offsets travel together in each checkpoint; on every partition
   assignment the service seeks to the checkpoint's offsets, so the model never learns a
   record twice or misses one. Batch ends are journaled before outputs leave, so records
