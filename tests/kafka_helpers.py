@@ -6,6 +6,7 @@ other. The fixtures (a fresh embedded broker per module) are in conftest_kafka.p
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -25,6 +26,33 @@ def consumer_record(partition: int, offset: int, *, topic: str = "in", key: byte
     key = b"k%d-%d" % (partition, offset) if key is None else key
     return ConsumerRecord(topic, partition, -1, offset, timestamp, 0, key, value, list(headers), None,
                           len(key), len(value or b""), -1)
+
+
+def run_env(broker, tag: str, ckpt_dir, **over) -> dict:
+    """Environment of a ``stream-dec run`` subprocess on the test broker: topics in-/out-/dlq-<tag>, group g-<tag>.
+
+    Defaults: the test group timing, batches of 50 records or 100 ms, a checkpoint every
+    4 batches, metrics off, one OpenMP thread. ``over`` sets or replaces variables by
+    their full name (``STREAM_DEC_BATCH__MAX_SIZE="64"``).
+    """
+    env = dict(os.environ)
+    env.update(
+        STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+        STREAM_DEC_KAFKA__GROUP_ID=f"g-{tag}",
+        STREAM_DEC_KAFKA__INPUT_TOPIC=f"in-{tag}",
+        STREAM_DEC_KAFKA__OUTPUT_TOPIC=f"out-{tag}",
+        STREAM_DEC_KAFKA__DLQ_TOPIC=f"dlq-{tag}",
+        STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS=str(GROUP_TIMING["kafka__session_timeout_ms"]),
+        STREAM_DEC_KAFKA__HEARTBEAT_INTERVAL_MS=str(GROUP_TIMING["kafka__heartbeat_interval_ms"]),
+        STREAM_DEC_BATCH__MAX_SIZE="50",
+        STREAM_DEC_BATCH__MAX_WAIT_MS="100",
+        STREAM_DEC_CHECKPOINT__DIR=str(ckpt_dir),
+        STREAM_DEC_CHECKPOINT__INTERVAL_BATCHES="4",
+        STREAM_DEC_METRICS__PORT="0",
+        OMP_NUM_THREADS="1",
+    )
+    env.update({k: str(v) for k, v in over.items()})
+    return env
 
 
 def service_settings(broker, ckpt_dir, tag: str, **over):

@@ -8,7 +8,6 @@ while the owner is frozen (SIGSTOP) for longer than the session timeout, then th
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import time
 
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
-from kafka_helpers import send_items, setup_stream
+from kafka_helpers import run_env, send_items, setup_stream
 
 from stream_dec.checkpoint import checkpoint_files, read_verified
 
@@ -28,24 +27,8 @@ PAUSE_S = 15
 
 
 def _env(broker, tag, ckpt):
-    env = dict(os.environ)
-    env.update(
-        STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap_servers,
-        STREAM_DEC_KAFKA__GROUP_ID=f"g-{tag}",
-        STREAM_DEC_KAFKA__INPUT_TOPIC=f"in-{tag}",
-        STREAM_DEC_KAFKA__OUTPUT_TOPIC=f"out-{tag}",
-        STREAM_DEC_KAFKA__DLQ_TOPIC=f"dlq-{tag}",
-        STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS=str(SESSION_MS),
-        STREAM_DEC_KAFKA__HEARTBEAT_INTERVAL_MS="1000",
-        STREAM_DEC_BATCH__MAX_SIZE="50",
-        STREAM_DEC_BATCH__MAX_WAIT_MS="100",
-        STREAM_DEC_CHECKPOINT__DIR=str(ckpt),
-        STREAM_DEC_CHECKPOINT__INTERVAL_BATCHES="4",
-        STREAM_DEC_CHECKPOINT__KEEP="100000",  # every checkpoint stays, to check whose lineage it is
-        STREAM_DEC_METRICS__PORT="0",
-        OMP_NUM_THREADS="1",
-    )
-    return env
+    # Every checkpoint stays, to check whose lineage it is.
+    return run_env(broker, tag, ckpt, STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS=SESSION_MS, STREAM_DEC_CHECKPOINT__KEEP=100000)
 
 
 class _Instance:

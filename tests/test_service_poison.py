@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 import re
 import stat
 import subprocess
@@ -25,7 +24,7 @@ import jsonschema
 import numpy as np
 import orjson
 import pytest
-from kafka_helpers import GROUP_TIMING, committed, consume, consumer_record, send_items, service_settings, setup_stream
+from kafka_helpers import committed, consume, consumer_record, run_env, send_items, service_settings, setup_stream
 
 from stream_dec.io import REASONS, dead_letter, decode_batch, encode_float32, encode_json
 from stream_dec.io.broker import EmbeddedBroker, _resolve_binary
@@ -118,25 +117,11 @@ def _produce_with_librdkafka(bootstrap: str, topic: str, records: list[tuple]) -
 
 
 def _run_env(broker, tag: str, ckpt) -> dict:
-    env = dict(os.environ)
-    env.update(
-        STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap_servers,
-        STREAM_DEC_KAFKA__GROUP_ID=f"g-{tag}",
-        STREAM_DEC_KAFKA__INPUT_TOPIC=f"in-{tag}",
-        STREAM_DEC_KAFKA__OUTPUT_TOPIC=f"out-{tag}",
-        STREAM_DEC_KAFKA__DLQ_TOPIC=f"dlq-{tag}",
-        STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS=str(GROUP_TIMING["kafka__session_timeout_ms"]),
-        STREAM_DEC_KAFKA__HEARTBEAT_INTERVAL_MS=str(GROUP_TIMING["kafka__heartbeat_interval_ms"]),
-        STREAM_DEC_BATCH__MAX_SIZE="64",
-        STREAM_DEC_BATCH__MAX_WAIT_MS="100",
-        STREAM_DEC_BATCH__MAX_BYTES=str(2 * MiB),  # the 5 MiB record comes, and is batched, alone
-        STREAM_DEC_CHECKPOINT__DIR=str(ckpt),
-        STREAM_DEC_CHECKPOINT__INTERVAL_BATCHES="4",
-        STREAM_DEC_METRICS__PORT="0",
-        STREAM_DEC_PROGRESS__EVERY_BATCHES="3",
-        OMP_NUM_THREADS="1",
+    return run_env(
+        broker, tag, ckpt, STREAM_DEC_BATCH__MAX_SIZE=64,
+        STREAM_DEC_BATCH__MAX_BYTES=2 * MiB,  # the 5 MiB record comes, and is batched, alone
+        STREAM_DEC_PROGRESS__EVERY_BATCHES=3,
     )
-    return env
 
 
 def test_one_run_labels_every_valid_record_and_dead_letters_every_other(broker, blobs, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,30 +11,15 @@ import time
 
 import numpy as np
 import pytest
-from kafka_helpers import committed, consume, send_items, setup_stream
+from kafka_helpers import committed, consume, run_env, send_items, setup_stream
 
 from stream_dec import StreamDEC
 from tests.conftest import FAST
 
 
 def _env(broker, tag, ckpt):
-    env = dict(os.environ)
-    env.update(
-        STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap_servers,
-        STREAM_DEC_KAFKA__GROUP_ID=f"g-{tag}",
-        STREAM_DEC_KAFKA__INPUT_TOPIC=f"in-{tag}",
-        STREAM_DEC_KAFKA__OUTPUT_TOPIC=f"out-{tag}",
-        STREAM_DEC_KAFKA__DLQ_TOPIC=f"dlq-{tag}",
-        STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS="3000",
-        STREAM_DEC_KAFKA__HEARTBEAT_INTERVAL_MS="500",
-        STREAM_DEC_BATCH__MAX_SIZE="50",
-        STREAM_DEC_BATCH__MAX_WAIT_MS="100",
-        STREAM_DEC_CHECKPOINT__DIR=str(ckpt),
-        STREAM_DEC_CHECKPOINT__INTERVAL_BATCHES="4",
-        STREAM_DEC_METRICS__PORT="0",
-        OMP_NUM_THREADS="1",
-    )
-    return env
+    # Short sessions: a killed member's partitions free up sooner.
+    return run_env(broker, tag, ckpt, STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS=3000, STREAM_DEC_KAFKA__HEARTBEAT_INTERVAL_MS=500)
 
 
 def _start(env, *extra):

@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from stream_dec.checkpoint import write_atomic
 
 #: File name of the journal inside the checkpoint directory.
 JOURNAL = "batches.jsonl"
@@ -179,7 +180,8 @@ class Journal:
         with self._lock:
             keep = [line.rebased(version) for line in self._read()
                     if (line.base == self.base or line.continues(self.base, offsets)) and not line.covered_by(offsets)]
-            _replace_durably(self.path, "".join(line.to_json() + "\n" for line in keep))
+            # A crash leaves the old file or the new one (temp file, fsync, rename, fsync of the directory).
+            write_atomic(self.path, "".join(line.to_json() + "\n" for line in keep).encode("utf-8"))
             self.base = int(version)
             return len(keep)
 
@@ -217,22 +219,3 @@ def merge_lines(lines) -> list[JournalLine]:
         at[key] = len(out)
         out.append(line)
     return out
-
-
-def _replace_durably(path: Path, text: str) -> None:
-    """Replace ``path``'s content so that a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
