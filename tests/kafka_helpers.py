@@ -119,6 +119,18 @@ def wait_for(cond, timeout_s: float = 45) -> bool:
     return cond()
 
 
+def published(bootstrap_servers: str, topic: str, partition: int = 0) -> int:
+    """Records in one partition of ``topic`` so far: its high watermark (known after a fetch)."""
+    c = KafkaConsumer(bootstrap_servers=bootstrap_servers)
+    tp = TopicPartition(topic, partition)
+    c.assign([tp])
+    c.seek(tp, 0)
+    c.poll(timeout_ms=100)
+    n = c.highwater(tp) or 0
+    c.close()
+    return n
+
+
 def committed(broker, group: str, topic: str, partition: int = 0) -> int | None:
     """The offset group ``group`` committed for one partition of ``topic`` (None if none)."""
     c = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, group_id=group, enable_auto_commit=False)

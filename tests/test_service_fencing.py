@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
-from kafka_helpers import run_env, send_items, setup_stream
+from kafka_helpers import published, run_env, send_items, setup_stream
 
 from stream_dec.checkpoint import checkpoint_files, read_verified
 
@@ -56,17 +56,6 @@ class _Instance:
         """Whether its last assignment made it the owner."""
         t = self.text()
         return t.rfind("owner epoch ") > t.rfind("standby:")
-
-
-def _count(broker, topic) -> int:
-    c = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers)
-    tp = TopicPartition(topic, 0)
-    c.assign([tp])
-    c.seek(tp, 0)
-    c.poll(timeout_ms=100)
-    n = c.highwater(tp) or 0
-    c.close()
-    return n
 
 
 def _read_all(broker, topic) -> list[dict]:
@@ -123,15 +112,15 @@ def _run_split_brain(broker, tag, ckpt, env, items, a, tmp_path):
     sender = threading.Thread(target=lambda: [send_items(broker, f"in-{tag}", items[i:i + 75]) or time.sleep(0.5)
                                               for i in range(0, len(items), 75)], daemon=True)
     sender.start()
-    _wait(lambda: _count(broker, f"out-{tag}") >= 800, 60, "the owner published nothing")
+    _wait(lambda: published(broker.bootstrap_servers, f"out-{tag}") >= 800, 60, "the owner published nothing")
 
     paused_epoch, standby_epochs = owner.last_epoch(), standby.epochs()
     owner.proc.send_signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
     _wait(lambda: standby.epochs() > standby_epochs, 4 * SESSION_MS / 1000, "the standby never took over")
     took_over_s = time.monotonic() - stopped_at
-    at_takeover = _count(broker, f"out-{tag}")
-    _wait(lambda: _count(broker, f"out-{tag}") > at_takeover, 30, "the new owner published nothing")
+    at_takeover = published(broker.bootstrap_servers, f"out-{tag}")
+    _wait(lambda: published(broker.bootstrap_servers, f"out-{tag}") > at_takeover, 30, "the new owner published nothing")
     first_output_s = time.monotonic() - stopped_at
     time.sleep(max(0.0, PAUSE_S - (time.monotonic() - stopped_at)))
     owner.proc.send_signal(signal.SIGCONT)
@@ -140,7 +129,7 @@ def _run_split_brain(broker, tag, ckpt, env, items, a, tmp_path):
     ids = {i for i, _ in items}
 
     def everything_labelled() -> bool:
-        return _count(broker, f"out-{tag}") >= len(items) and ids <= {v.get("id") for v in _read_all(broker, f"out-{tag}")}
+        return published(broker.bootstrap_servers, f"out-{tag}") >= len(items) and ids <= {v.get("id") for v in _read_all(broker, f"out-{tag}")}
 
     _wait(everything_labelled, 180, "not every record was labelled")
     for inst in (a, b):

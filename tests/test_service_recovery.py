@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from kafka_helpers import committed, consume, run_env, send_items, setup_stream
+from kafka_helpers import committed, consume, published, run_env, send_items, setup_stream
 
 from stream_dec import StreamDEC
 from tests.conftest import FAST
@@ -55,19 +55,6 @@ def _read_all(broker, tag) -> list[dict]:
         c.close()
 
 
-def _count_outputs(broker, tag):
-    from kafka import KafkaConsumer, TopicPartition
-
-    c = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers)
-    tp = TopicPartition(f"out-{tag}", 0)
-    c.assign([tp])
-    c.seek(tp, 0)
-    c.poll(timeout_ms=100)
-    n = c.highwater(tp) or 0
-    c.close()
-    return n
-
-
 @pytest.fixture(scope="module")
 def stream(blobs):
     rng = np.random.default_rng(5)
@@ -92,20 +79,20 @@ def test_kill_9_then_restart_labels_everything_and_replays_identically(broker, b
     send_items(broker, f"in-{tag}", stream)
     proc = _start(env)
     deadline = time.monotonic() + 90
-    while _count_outputs(broker, tag) < 500 and time.monotonic() < deadline:
+    while published(broker.bootstrap_servers, f"out-{tag}") < 500 and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
-    assert _count_outputs(broker, tag) < len(stream), "killed too late to test recovery"
+    assert published(broker.bootstrap_servers, f"out-{tag}") < len(stream), "killed too late to test recovery"
 
     t0 = time.monotonic()
     restarted = _start(env, "--exit-when-idle", "3")
     # The restarted service must publish new labels quickly (group join included).
     first_new = None
-    before = _count_outputs(broker, tag)
+    before = published(broker.bootstrap_servers, f"out-{tag}")
     while restarted.poll() is None and time.monotonic() - t0 < 90:
-        if first_new is None and _count_outputs(broker, tag) > before:
+        if first_new is None and published(broker.bootstrap_servers, f"out-{tag}") > before:
             first_new = time.monotonic() - t0
         time.sleep(0.05)
     out, err = restarted.communicate(timeout=90)
@@ -114,7 +101,7 @@ def test_kill_9_then_restart_labels_everything_and_replays_identically(broker, b
     # the partitions until its session (3 s here) expires.
     assert first_new is not None and first_new < 10, first_new
 
-    labels = _assignments(broker, tag, _count_outputs(broker, tag))  # every output, not the first n
+    labels = _assignments(broker, tag, published(broker.bootstrap_servers, f"out-{tag}"))  # every output, not the first n
     by_id: dict[str, list[dict]] = {}
     for a in labels:
         by_id.setdefault(a["id"], []).append(a)
@@ -133,20 +120,20 @@ def test_sigterm_finishes_checkpoints_commits_and_exits_0(broker, blobs, stream,
     send_items(broker, f"in-{tag}", stream)
     proc = _start(env)
     deadline = time.monotonic() + 90
-    while _count_outputs(broker, tag) < 300 and time.monotonic() < deadline:
+    while published(broker.bootstrap_servers, f"out-{tag}") < 300 and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
     assert proc.returncode == 0, proc.stderr.read()
     model = StreamDEC.load(ckpt)
     done = model.checkpoint_extra_["offsets"][f"in-{tag}"]["0"]
-    labelled = _assignments(broker, tag, _count_outputs(broker, tag), timeout_s=10)
+    labelled = _assignments(broker, tag, published(broker.bootstrap_servers, f"out-{tag}"), timeout_s=10)
     assert len(labelled) == done  # the checkpoint is exactly where the outputs stop
     assert sorted(a["offset"] for a in labelled) == list(range(done))
     # A restart continues from there: every record once, none twice.
     restarted = _start(env, "--exit-when-idle", "3")
     assert restarted.wait(timeout=90) == 0
-    labelled = _assignments(broker, tag, _count_outputs(broker, tag))  # every output, not the first n
+    labelled = _assignments(broker, tag, published(broker.bootstrap_servers, f"out-{tag}"))  # every output, not the first n
     assert sorted(a["offset"] for a in labelled) == list(range(len(stream)))
 
 
@@ -249,7 +236,7 @@ def test_a_failing_checkpoint_dir_loses_nothing_and_a_kill_then_replays_exactly(
     proc = subprocess.Popen([sys.executable, "-m", "stream_dec.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         sender.start()
-        _until(lambda: _count_outputs(broker, tag) >= 300, proc, "no outputs")
+        _until(lambda: published(broker.bootstrap_servers, f"out-{tag}") >= 300, proc, "no outputs")
         # 1. Checkpoint writes fail; batches go on (the journal grows) and the write is retried.
         _block_checkpoints(ckpt, True)
         _until(lambda: _metric(port, "stream_dec_checkpoint_failures_total") >= 2, proc, "no checkpoint failure counted")
@@ -262,19 +249,19 @@ def test_a_failing_checkpoint_dir_loses_nothing_and_a_kill_then_replays_exactly(
         ckpt.rename(away)
         ckpt.write_text("not a directory")
         _until(lambda: _metric(port, "stream_dec_checkpoint_failures_total") >= failures + 2, proc, "no journal failure counted")
-        held = _count_outputs(broker, tag)
+        held = published(broker.bootstrap_servers, f"out-{tag}")
         time.sleep(1.5)
-        assert _count_outputs(broker, tag) == held  # held back, not published without a journal line
+        assert published(broker.bootstrap_servers, f"out-{tag}") == held  # held back, not published without a journal line
         ckpt.unlink()
         away.rename(ckpt)
-        _until(lambda: _count_outputs(broker, tag) > held + 100, proc, "no outputs after the directory came back")
+        _until(lambda: published(broker.bootstrap_servers, f"out-{tag}") > held + 100, proc, "no outputs after the directory came back")
         # 3. Checkpoints fail again, then kill -9: the restart replays everything since the last good one.
         failures = _metric(port, "stream_dec_checkpoint_failures_total")
         _block_checkpoints(ckpt, True)
         _until(lambda: _metric(port, "stream_dec_checkpoint_failures_total") > failures, proc, "no second checkpoint failure")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        assert _count_outputs(broker, tag) < len(items), "killed too late to test recovery"
+        assert published(broker.bootstrap_servers, f"out-{tag}") < len(items), "killed too late to test recovery"
         _block_checkpoints(ckpt, False)
         from stream_dec.service.journal import JOURNAL, Journal
 
@@ -289,7 +276,7 @@ def test_a_failing_checkpoint_dir_loses_nothing_and_a_kill_then_replays_exactly(
     _, err = restarted.communicate(timeout=180)
     assert restarted.returncode == 0, err[-3000:]
 
-    labels = _assignments(broker, tag, _count_outputs(broker, tag))
+    labels = _assignments(broker, tag, published(broker.bootstrap_servers, f"out-{tag}"))
     by_id: dict[str, list[dict]] = {}
     for a in labels:
         by_id.setdefault(a["id"], []).append(a)
