@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -79,6 +80,30 @@ def test_unreachable_broker_at_start_waits_with_503_then_exits_3_with_one_line(b
     last = err.strip().splitlines()[-1]
     assert last.startswith("stream-dec run: error: giving up: broker (input topic 'in-x') unreachable on 127.0.0.1:"), last
     assert "STREAM_DEC_KAFKA__MAX_OUTAGE_S=11" in last
+
+
+def test_sigterm_while_waiting_for_the_broker_at_start_exits_0(blobs, tmp_path):
+    """Stopped before anything was read: nothing is owed, so it is a clean stop, not an outage."""
+    from stream_dec import StreamDEC
+    from tests.conftest import FAST
+
+    ckpt = tmp_path / "ckpt"
+    StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"]).save(ckpt)
+    port, metrics_port = free_port(), free_port()
+    env = dict(os.environ, STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", STREAM_DEC_KAFKA__INPUT_TOPIC="in-x",
+               STREAM_DEC_CHECKPOINT__DIR=str(ckpt), STREAM_DEC_METRICS__PORT=str(metrics_port),
+               STREAM_DEC_KAFKA__MAX_OUTAGE_S="100", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "stream_dec.cli", "run"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        waiting = wait_for(lambda: _get(f"http://127.0.0.1:{metrics_port}/healthz")[0] == 503, timeout_s=60)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)  # one connection try (10 s) at most, not the 100 s outage
+    finally:
+        proc.kill()
+    assert waiting
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped before the broker answered" in err and "Traceback" not in err
 
 
 def test_broker_restarted_empty_mid_stream_resets_to_the_log_start_and_labels_what_comes(own_broker, blobs, tmp_path):

@@ -94,7 +94,7 @@ from stream_dec.service.hooks import BatchInfo, ServiceHooks
 from stream_dec.service.journal import JOURNAL, Journal
 from stream_dec.service.learner import Learner
 from stream_dec.service.metrics import MetricsServer, ServiceMetrics
-from stream_dec.service.outage import Outage
+from stream_dec.service.outage import Outage, OutageError
 from stream_dec.service.outputs import OUTPUTS
 from stream_dec.service.ownership import Ownership
 from stream_dec.service.positions import InputPositions, Outside
@@ -175,7 +175,15 @@ class StreamService:
     # ------------------------------------------------------------ the loop
     def run(self, *, max_idle_s: float | None = None, install_signals: bool = True) -> int:
         """Run until :meth:`stop` (SIGTERM/SIGINT) or ``max_idle_s`` without records; returns 0."""
-        self._start(install_signals)
+        try:
+            self._start(install_signals)
+        except OutageError:
+            if not self._stop.is_set():
+                raise
+            # Stopped while waiting for the broker: nothing was read, so nothing is owed.
+            log.info("stopped before the broker answered: nothing read, nothing to commit")
+            self.close()
+            return 0
         first_version = int(self.model.version_)
         try:
             while not self._stop.is_set():
