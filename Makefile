@@ -21,7 +21,7 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The main job until the Kafka service lands: one seed of the stream protocol on a real
+# One seed of the stream protocol on a real
 # set, StreamDEC beside frozen k-means and MiniBatchKMeans, both scenarios (~1 minute).
 quickstart: $(STAMP)
 	$(PY) bench/run_quality.py --sets stackoverflow --seeds 0 --scenario both \
