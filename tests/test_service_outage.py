@@ -52,7 +52,8 @@ def _items(X, prefix: str):
     return [(f"{prefix}{i}", X[i]) for i in range(len(X))]
 
 
-def test_unreachable_broker_at_start_waits_with_503_then_exits_3_with_one_line(blobs, tmp_path):
+def _run_without_broker(blobs, tmp_path, max_outage_s: int):
+    """A ``stream-dec run`` process with a checkpoint but no broker at its address: (process, broker port, metrics port)."""
     from stream_dec import StreamDEC
     from tests.conftest import FAST
 
@@ -61,9 +62,14 @@ def test_unreachable_broker_at_start_waits_with_503_then_exits_3_with_one_line(b
     port, metrics_port = free_port(), free_port()
     env = dict(os.environ, STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", STREAM_DEC_KAFKA__INPUT_TOPIC="in-x",
                STREAM_DEC_CHECKPOINT__DIR=str(ckpt), STREAM_DEC_METRICS__PORT=str(metrics_port),
-               STREAM_DEC_KAFKA__MAX_OUTAGE_S="11", OMP_NUM_THREADS="1")
+               STREAM_DEC_KAFKA__MAX_OUTAGE_S=str(max_outage_s), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "stream_dec.cli", "run"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    return proc, port, metrics_port
+
+
+def test_unreachable_broker_at_start_waits_with_503_then_exits_3_with_one_line(blobs, tmp_path):
+    proc, port, metrics_port = _run_without_broker(blobs, tmp_path, max_outage_s=11)
     try:
         # Between the first failed try and the give-up /healthz names the outage.
         seen = wait_for(lambda: _get(f"http://127.0.0.1:{metrics_port}/healthz")[1].startswith("outage:"), timeout_s=60)
@@ -84,17 +90,7 @@ def test_unreachable_broker_at_start_waits_with_503_then_exits_3_with_one_line(b
 
 def test_sigterm_while_waiting_for_the_broker_at_start_exits_0(blobs, tmp_path):
     """Stopped before anything was read: nothing is owed, so it is a clean stop, not an outage."""
-    from stream_dec import StreamDEC
-    from tests.conftest import FAST
-
-    ckpt = tmp_path / "ckpt"
-    StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"]).save(ckpt)
-    port, metrics_port = free_port(), free_port()
-    env = dict(os.environ, STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", STREAM_DEC_KAFKA__INPUT_TOPIC="in-x",
-               STREAM_DEC_CHECKPOINT__DIR=str(ckpt), STREAM_DEC_METRICS__PORT=str(metrics_port),
-               STREAM_DEC_KAFKA__MAX_OUTAGE_S="100", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "stream_dec.cli", "run"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc, _port, metrics_port = _run_without_broker(blobs, tmp_path, max_outage_s=100)
     try:
         waiting = wait_for(lambda: _get(f"http://127.0.0.1:{metrics_port}/healthz")[0] == 503, timeout_s=60)
         proc.send_signal(signal.SIGTERM)
