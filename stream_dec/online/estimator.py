@@ -435,17 +435,10 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         return torch.cat(out).cpu().numpy()
 
     def predict_with_confidence(self, X) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, confidence)`` in one pass: the id of every row and its soft-assignment weight."""
+        """``(ids, confidence)`` in one pass: the id of every row and its confidence."""
         self._check_fitted()
-        z, chunk = self._encode(self._prepare(X)), gates.PREDICT_CHUNK
-        ids, conf = [], []
-        for i in range(0, z.shape[0], chunk):
-            d = gates.distances(self.clusters_, z[i : i + chunk])[1]
-            q = soft_assignment(d, self.alpha)
-            best = d.argmin(1)
-            ids.append(best)
-            conf.append(q.gather(1, best[:, None]).squeeze(1))
-        return self.clusters_.ids[torch.cat(ids).cpu().numpy()], torch.cat(conf).cpu().numpy()
+        rows, conf = gates.label(self.clusters_, self._encode(self._prepare(X)), self.alpha)
+        return self.clusters_.ids[rows.cpu().numpy()], conf.cpu().numpy()
 
     def transform(self, X) -> np.ndarray:
         """Latent codes of ``X``."""

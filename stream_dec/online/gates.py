@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from stream_dec.model import squared_distances
+from stream_dec.model import soft_assignment, squared_distances
 from stream_dec.online.clusters import ClusterTable
 
 PREDICT_CHUNK = 65536  # rows per distance computation: bounds the [n, 2K] temporary
@@ -39,6 +39,25 @@ def assign(t: ClusterTable, z: torch.Tensor) -> torch.Tensor:
     """Row index (into ``t.ids``) of the winning cluster of every latent."""
     out = [distances(t, z[i : i + PREDICT_CHUNK])[1].argmin(1) for i in range(0, z.shape[0], PREDICT_CHUNK)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=z.device)
+
+
+@torch.no_grad()
+def label(t: ClusterTable, z: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, confidence)`` of every latent: the winning row (into ``t.ids``) and its confidence.
+
+    The one labelling function: the estimator's ``predict_with_confidence`` and the
+    predict-only snapshot (stream_dec/online/snapshot.py) both call it, so a predictor
+    in another process gives exactly the learner's labels.
+    """
+    rows, conf = [], []
+    for i in range(0, z.shape[0], PREDICT_CHUNK):
+        d = distances(t, z[i : i + PREDICT_CHUNK])[1]
+        best = d.argmin(1)
+        rows.append(best)
+        conf.append(soft_assignment(d, alpha).gather(1, best[:, None]).squeeze(1))
+    if not rows:
+        return torch.zeros(0, dtype=torch.long, device=z.device), torch.zeros(0, device=z.device)
+    return torch.cat(rows), torch.cat(conf)
 
 
 @torch.no_grad()
