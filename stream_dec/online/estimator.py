@@ -481,8 +481,22 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self._check_fitted()
         t0 = time.perf_counter()
         self._check_params(("online_steps", "max_update_ms"))  # the budgets are set after fit (the service does)
+        return self._partial_fit_z(self._encode(self._prepare(X)), t0, plan)
+
+    def partial_fit_latent(self, Z, *, plan: UpdatePlan | dict | None = None) -> DriftReport:
+        """:meth:`partial_fit` on latent codes ``Z`` (from :meth:`transform` or a snapshot's).
+
+        The encoder is frozen after ``fit``, so ``partial_fit_latent(transform(X))`` is
+        ``partial_fit(X)``: a learner can learn from latents that predictors computed.
+        """
+        self._check_fitted()
+        t0 = time.perf_counter()
+        self._check_params(("online_steps", "max_update_ms"))
+        z = torch.from_numpy(check_embeddings(Z, n_features=self.clusters_.centres.shape[1], name="Z")).to(self.device_)
+        return self._partial_fit_z(z, t0, plan)
+
+    def _partial_fit_z(self, z: torch.Tensor, t0: float, plan: UpdatePlan | dict | None) -> DriftReport:
         replay = None if plan is None else UpdatePlan.from_dict(plan)
-        z = self._encode(self._prepare(X))
         if not (replay.learn if replay is not None else self.online_steps > 0):
             return self._label_only(z, t0)
         u = self._begin_update(z, t0, replay)
