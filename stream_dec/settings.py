@@ -65,6 +65,12 @@ class KafkaSettings(_Group):
     input_topic: str = Field("embeddings", description="topic the embeddings are read from")
     output_topic: str = Field("labels", description="topic assignments and drift records are written to")
     dlq_topic: str = Field("embeddings.dlq", description="dead-letter topic for unusable input records")
+    # Internal topics of the scale-out roles (docs/contracts.md, "Scale-out"): the learner
+    # publishes model snapshots on the model topic (one partition: versions in order) and
+    # reads the predictors' latents from the feed topic. The learner creates both.
+    model_topic: str = Field("stream-dec.model", description="topic of the model snapshots (roles learner/predictor; 1 partition)")
+    feed_topic: str = Field("stream-dec.feed", description="topic predictors send the learner latents on (roles learner/predictor)")
+    feed_partitions: int = Field(1, ge=1, le=1024, description="partitions of the feed topic when the learner creates it")
     client_id: str = Field("stream-dec", description="client id reported to the broker")
     # 10 s rather than the client's 45 s default: a group join takes about half the
     # session timeout, and a dead member holds its partitions for the whole of it.
@@ -129,6 +135,15 @@ class KafkaSettings(_Group):
         value = check_topic_name(value)
         for other in ("input_topic", "output_topic"):
             if value == info.data.get(other):
+                raise ValueError(f"must differ from {env_name('kafka', other)} ({value!r})")
+        return value
+
+    @field_validator("model_topic", "feed_topic")
+    @classmethod
+    def _internal(cls, value: str, info) -> str:
+        value = check_topic_name(value)
+        for other in ("input_topic", "output_topic", "dlq_topic", "model_topic"):
+            if other != info.field_name and value == info.data.get(other):
                 raise ValueError(f"must differ from {env_name('kafka', other)} ({value!r})")
         return value
 
@@ -239,6 +254,20 @@ class ModelSettings(_Group):
         return value
 
 
+class ScaleSettings(_Group):
+    """How predictors feed the learner (roles ``learner`` and ``predictor``)."""
+
+    # The learner advises a lower rate when it falls behind; predictors send
+    # min(this, advised) of the items, chosen by item id so every process picks the same.
+    sample_rate: float = Field(1.0, gt=0, le=1, description="largest share of labelled items whose latents predictors send the learner")
+    # A predictor that has no model labels nothing; it waits this long at start for the
+    # learner's first snapshot before saying so in the log (it keeps waiting).
+    model_wait_s: float = Field(30.0, gt=0, description="seconds a predictor waits for a model snapshot before warning (it keeps waiting)")
+    # Feed lag, in the learner's own batches, beyond which it halves the advised rate
+    # (and below a quarter of which it doubles it back, up to sample_rate).
+    max_feed_lag_batches: float = Field(4.0, gt=0, description="learner feed lag (in micro-batches) above which it asks predictors to sample less")
+
+
 class Settings(BaseSettings):
     """All settings of the ``stream-dec`` service; see the module docstring for the naming rule."""
 
@@ -260,7 +289,17 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     progress: ProgressSettings = Field(default_factory=ProgressSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    scale: ScaleSettings = Field(default_factory=ScaleSettings)
+    # One process per role (docs/contracts.md, "Scale-out"): "all" learns and labels;
+    # "predictor" labels with the learner's newest snapshot; "learner" learns from what
+    # predictors send and publishes snapshots.
+    role: Literal["all", "learner", "predictor"] = Field("all", description="what this process does: all, learner or predictor")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _role(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("log_level", mode="before")
     @classmethod
