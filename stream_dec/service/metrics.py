@@ -20,6 +20,11 @@ from prometheus_client.registry import Collector
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _SIZE_BUCKETS = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# From a snapshot's publication to a predictor labelling with it: a poll of the model
+# topic plus the rest of the batch in hand, so seconds; minutes mean a predictor is stuck.
+_PROPAGATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+#: What ``STREAM_DEC_ROLE`` may be: one ``stream_dec_role_info`` series each.
+ROLES = ("all", "learner", "predictor")
 
 
 class BatchHistogram(Collector):
@@ -116,6 +121,22 @@ class ServiceMetrics:
         self.ckpt_age = Gauge("stream_dec_checkpoint_age_seconds", "Seconds since the last checkpoint written.", registry=r)
         self.ckpt_age.set_function(lambda: time.time() - self._ckpt_time if self._ckpt_time else 0.0)
         self.loop_last = Gauge("stream_dec_loop_last_iteration_timestamp_seconds", "Unix time of the last poll-loop iteration.", registry=r)
+        # Scale-out roles. Dashboards and alerts select a role by joining on instance with
+        # role_info, so every process exports it, and every role's series from the start.
+        self.role_info = Gauge("stream_dec_role_info", "1 for the role this process runs (all, learner, predictor), 0 for the others.", ["role"], registry=r)
+        self.set_role("all")  # the default role; the service sets its own at start
+        self.newest_known = Gauge("stream_dec_model_newest_known_version", "Newest model version this predictor has seen on the model topic.", registry=r)
+        self.snapshot_time = Gauge("stream_dec_snapshot_published_timestamp_seconds", "Unix time the learner published the snapshot in use (predictor) or its newest snapshot (learner); 0 before the first.", registry=r)
+        self.snapshot_bytes = Gauge("stream_dec_snapshot_bytes", "Size of the newest snapshot the learner published.", registry=r)
+        self.snapshots_published = Counter("stream_dec_snapshots_published_total", "Model snapshots the learner published on the model topic.", registry=r)
+        self.snapshots_rejected = Counter("stream_dec_snapshots_rejected_total", "Snapshots a predictor read and refused (bad checksum, missing chunk); it kept the version it had.", registry=r)
+        self.propagation = Histogram("stream_dec_model_propagation_seconds", "From a snapshot's publication to this predictor labelling with it.", buckets=_PROPAGATION_BUCKETS, registry=r)
+        self.sample_rate = Gauge("stream_dec_feed_sample_rate", "Share of labelled items whose latents reach the learner: the rate a predictor uses, or the rate the learner advises.", registry=r)
+        self.sample_rate.set(1)  # everything is learnt until a rate is set (always so in role all)
+        self.feed_items = Counter("stream_dec_feed_items_total", "Labelled items a predictor sent to the learner or left out by sampling, by outcome (sent, skipped).", ["outcome"], registry=r)
+        for outcome in ("sent", "skipped"):  # every series from 0: increase() sees the first
+            self.feed_items.labels(outcome)
+        self.waiting = Gauge("stream_dec_waiting_for_model", "1 while this predictor labels nothing because it has no model snapshot yet.", registry=r)
         self._ckpt_time = 0.0
         self.last_loop = 0.0
         #: Why /healthz answers 503 while an outage lasts ("" when there is none).
@@ -168,6 +189,63 @@ class ServiceMetrics:
             if highwater is not None:
                 self.highwater.labels(label).set(highwater)
                 self.lag.labels(label).set(max(0, highwater - position))
+
+    def forget_partitions(self, partitions) -> None:
+        """Drop the per-partition series of partitions this instance no longer owns.
+
+        A predictor's partitions move between members; a series left behind would repeat
+        its last lag forever and be summed with the new owner's.
+        """
+        for partition in partitions:
+            for gauge in (self.lag, self.position, self.highwater):
+                try:
+                    gauge.remove(str(partition))
+                except KeyError:  # never set here
+                    pass
+
+    def set_role(self, role: str) -> None:
+        """``stream_dec_role_info{role}``: 1 for ``role``, 0 for the other roles."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+        for name in ROLES:
+            self.role_info.labels(name).set(1 if name == role else 0)
+
+    def model_swapped(self, version: int, published_at: float | None) -> None:
+        """A predictor labels with ``version`` from now on (``published_at``: when the learner published it, if known)."""
+        self.model_version.set(version)
+        if published_at is not None:
+            self.snapshot_time.set(published_at)
+            # Clocks of two machines may disagree by a little: never a negative time.
+            self.propagation.observe(max(0.0, time.time() - published_at))
+
+    def newest_known_version(self, version: int) -> None:
+        """A predictor has seen ``version`` on the model topic (whether or not it uses it yet)."""
+        self.newest_known.set(version)
+
+    def snapshot_published(self, version: int, nbytes: int, published_at: float) -> None:
+        """The learner published ``version`` as a snapshot of ``nbytes`` at ``published_at`` (Unix time)."""
+        self.snapshots_published.inc()
+        self.snapshot_bytes.set(nbytes)
+        self.snapshot_time.set(published_at)
+        self.model_version.set(version)
+
+    def snapshot_rejected(self, count: int) -> None:
+        """A predictor refused ``count`` snapshots it read (bad checksum, missing chunk)."""
+        self.snapshots_rejected.inc(count)
+
+    def feed_sampled(self, rate: float, sent: int, skipped: int) -> None:
+        """A predictor sent ``sent`` items' latents to the learner and left ``skipped`` out, sampling at ``rate``."""
+        self.sample_rate.set(rate)
+        self.feed_items.labels("sent").inc(sent)
+        self.feed_items.labels("skipped").inc(skipped)
+
+    def advised_sample_rate(self, rate: float) -> None:
+        """The sample rate the learner advises predictors (below 1: it cannot keep up with every item)."""
+        self.sample_rate.set(rate)
+
+    def waiting_for_model(self, waiting: bool) -> None:
+        """Whether a predictor is holding its records because it has no model snapshot yet."""
+        self.waiting.set(1 if waiting else 0)
 
     def loop_alive(self) -> None:
         """Mark one iteration of the poll loop."""
