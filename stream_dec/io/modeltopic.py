@@ -39,8 +39,9 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "CHUNK_BYTES",
@@ -295,22 +296,22 @@ class _Rec(NamedTuple):
 
 
 def _follower_config(bootstrap_servers: str, client_id: str) -> dict[str, Any]:
-    return dict(
-        bootstrap_servers=bootstrap_servers,
-        client_id=client_id,
-        group_id=None,
-        enable_auto_commit=False,
+    return {
+        "bootstrap_servers": bootstrap_servers,
+        "client_id": client_id,
+        "group_id": None,
+        "enable_auto_commit": False,
         # Positions are always set by seek(); a position retention deleted raises and
         # the follower moves to the log's start itself.
-        auto_offset_reset="none",
+        "auto_offset_reset": "none",
         # A follower's metadata request must not create the topic (4 partitions on tansu).
-        allow_auto_create_topics=False,
+        "allow_auto_create_topics": False,
         # Aborted publications are invisible on Apache Kafka (tansu shows them; the
         # checksum and the version order still hold there).
-        isolation_level="read_committed",
-        max_partition_fetch_bytes=_FETCH_BYTES,
-        fetch_max_wait_ms=100,
-    )
+        "isolation_level": "read_committed",
+        "max_partition_fetch_bytes": _FETCH_BYTES,
+        "fetch_max_wait_ms": 100,
+    }
 
 
 class ModelFollower:
