@@ -168,7 +168,9 @@ class ModelPublisher:
 
     The producer may be transactional: :meth:`publish` only sends, the caller flushes
     or commits. Its ``max_request_size`` must admit :data:`CHUNK_BYTES` plus headers
-    (kafka-python's 1 MB default does).
+    (kafka-python's 1 MB default does). It should be idempotent (or transactional): a
+    chunk duplicated by a retry breaks the run of consecutive chunks, and followers drop
+    that version.
     """
 
     def __init__(self, producer, topic: str):
