@@ -475,22 +475,33 @@ def encode_drift(report: Any, *, topic: str, offset_ranges: Mapping[int, tuple[i
     return _with_extra(rec, extra)
 
 
-LIFECYCLE_EVENTS = ("born",)
+LIFECYCLE_EVENTS = ("born", "retired", "revived")
 _LIFECYCLE_IDS = ("cluster", "parent", "root", "model_version")
-_LIFECYCLE_EVIDENCE = {"born": ("support", "source_share", "window", "gate", "cohesion", "founding_taken")}
-_LIFECYCLE_INTS = ("support", "window")
+# The evidence each event must carry (schemas/lifecycle.schema.json); an event may carry
+# more (e.g. what a spawn rule measured), which is passed through after these.
+_LIFECYCLE_EVIDENCE = {
+    "born": ("support", "source_share", "window", "gate", "cohesion", "founding_taken"),
+    "retired": ("remembered", "moved_to", "forgotten", "last_assigned_version", "window_versions"),
+    "revived": ("remembered", "window_items"),
+}
 
 
 def encode_lifecycle(event: Mapping[str, Any], **extra: Any) -> bytes:
     """JSON value of a ``lifecycle`` output record (one per event in an id's life; key: the cluster id).
 
     ``event`` is one entry of a ``DriftReport``'s ``lifecycle`` list
-    (schemas/lifecycle.schema.json): ``event``, ``cluster``, ``parent`` (None for a root),
-    ``root``, ``model_version`` and the event's evidence. Non-finite evidence becomes ``null``.
+    (schemas/lifecycle.schema.json; stream_dec/online/lifecycle.py): ``event``,
+    ``cluster``, ``parent`` (None for a root), ``root``, ``model_version`` and the
+    event's evidence, then any further evidence the event carries. Integers stay
+    integers, non-finite numbers become ``null``.
 
     >>> encode_lifecycle({"event": "born", "cluster": 7, "parent": 2, "root": 0, "model_version": 5, "support": 40,
     ...                   "source_share": 0.9, "window": 800, "gate": 1.5, "cohesion": 0.7, "founding_taken": 0.0})
     b'{"kind":"lifecycle","event":"born","cluster":7,"parent":2,"root":0,"model_version":5,"support":40,"source_share":0.9,"window":800,"gate":1.5,"cohesion":0.7,"founding_taken":0.0}'
+    >>> encode_lifecycle({"event": "retired", "cluster": 2, "parent": None, "root": 2, "model_version": 9, "remembered": 3,
+    ...                   "moved_to": [{"cluster": 7, "items": 3}], "forgotten": 0, "last_assigned_version": None,
+    ...                   "window_versions": 10})
+    b'{"kind":"lifecycle","event":"retired","cluster":2,"parent":null,"root":2,"model_version":9,"remembered":3,"moved_to":[{"cluster":7,"items":3}],"forgotten":0,"last_assigned_version":null,"window_versions":10}'
     """
     kind = event.get("event")
     if kind not in LIFECYCLE_EVENTS:
@@ -503,9 +514,26 @@ def encode_lifecycle(event: Mapping[str, Any], **extra: Any) -> bytes:
         rec[k] = None if event[k] is None else int(event[k])
     if rec["parent"] is None and rec["root"] != rec["cluster"]:
         raise ValueError("a lifecycle event without a parent must be its own root")
-    for k in _LIFECYCLE_EVIDENCE[kind]:
-        rec[k] = int(event[k]) if k in _LIFECYCLE_INTS else _finite_or_none(event[k])
+    for k in _LIFECYCLE_EVIDENCE[kind] + tuple(k for k in event if k not in rec and k not in _LIFECYCLE_EVIDENCE[kind]):
+        rec[k] = _plain(event[k])
     return _with_extra(rec, extra)
+
+
+def _plain(x: Any) -> Any:
+    """``x`` as JSON-ready data: integers stay integers, other numbers are finite floats or None.
+
+    >>> _plain([{"a": np.int64(3), "b": float("nan")}, True, None, 0.5])
+    [{'a': 3, 'b': None}, True, None, 0.5]
+    """
+    if x is None or isinstance(x, (bool, np.bool_, str)):
+        return bool(x) if isinstance(x, np.bool_) else x
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return _finite_or_none(x)
 
 
 def _with_extra(rec: dict, extra: dict) -> bytes:
