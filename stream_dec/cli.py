@@ -352,6 +352,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     settings = load_settings(
         env_file=args.env_file,
+        role=args.role,
         kafka__bootstrap_servers=args.bootstrap_servers,
         kafka__group_id=args.group_id,
         kafka__input_topic=args.input_topic,
@@ -367,11 +368,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from kafka.errors import KafkaError
 
-    from stream_dec.service import NoCheckpointError, StreamService
+    from stream_dec.service import NoCheckpointError
+    from stream_dec.service.roles import build_service
     from stream_dec.service.outage import EXIT_OFFSETS, EXIT_OUTAGE, OffsetsOutOfRangeError, OutageError, is_outage
 
     try:
-        service = StreamService(settings)
+        service = build_service(settings)
     except NoCheckpointError as exc:
         raise CommandError(str(exc)) from None
     try:
@@ -485,6 +487,8 @@ def _add_run(sub) -> None:
     """The ``run`` subcommand."""
     r = sub.add_parser("run", help="the Kafka service: label, learn, publish, checkpoint (settings from STREAM_DEC_* / .env)")
     r.add_argument("--env-file", default=None, help="settings file (default: ./.env when it exists)")
+    r.add_argument("--role", default=None, choices=("all", "learner", "predictor"),
+                   help="overrides STREAM_DEC_ROLE: all (learn and label, default), learner or predictor (scale-out)")
     r.add_argument("--bootstrap-servers", default=None, help="overrides STREAM_DEC_KAFKA__BOOTSTRAP_SERVERS")
     r.add_argument("--group-id", default=None, help="overrides STREAM_DEC_KAFKA__GROUP_ID")
     r.add_argument("--input-topic", default=None, help="overrides STREAM_DEC_KAFKA__INPUT_TOPIC")

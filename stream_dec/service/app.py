@@ -112,7 +112,7 @@ DRIFT_KEY = b"__drift__"
 
 
 class StreamService:
-    """One running instance of ``stream-dec run``.
+    """One running instance of ``stream-dec run`` (role ``all``; the learner role extends it).
 
     ``model``: start from this model instead of the newest checkpoint. ``hooks``:
     callables told about polls, batches, updates and checkpoints (stream_dec/service/hooks.py).
@@ -121,11 +121,17 @@ class StreamService:
     :class:`~stream_dec.service.ownership.Ownership`.
     """
 
+    #: The model's learning method (the learner role learns from latents).
+    learn_method = "partial_fit"
+    #: This process's role, as the metrics report it.
+    role = "all"
+
     def __init__(self, settings: Settings, model: Any | None = None, hooks: ServiceHooks | None = None):
         self.settings = settings
         _use_torch_threads(settings.model.threads)
         ckpt_dir = Path(settings.checkpoint.dir)
         self.metrics = ServiceMetrics()
+        self.metrics.set_role(self.role)
         self.progress = Progress(settings.progress.every_batches, settings.progress.every_s)
         self.hooks = self.progress.observe(hooks or ServiceHooks())
         self.dead_letters = DeadLetters(settings, self.metrics)
@@ -147,7 +153,7 @@ class StreamService:
                                    newest=lambda: newest_or_none(settings), group=settings.kafka.group_id)
         self.batcher = Batcher(settings.batch.max_size, settings.batch.max_wait_ms, max_bytes=settings.batch.max_bytes,
                                on_replay_abandoned=self._replay_abandoned)
-        self.learner = Learner()
+        self.learner = Learner(self.learn_method)
         self.consumer = self.outputs = self.server = None
         self.processed_batches = 0
         self._last_activity = 0.0  # monotonic time of the last records or assignment (0: none yet)
@@ -358,9 +364,7 @@ class StreamService:
         """
         clock = _Stopwatch()
         records = batch.records
-        k = self.settings.kafka
-        decoded = decode_batch([(r.key, r.value, r.headers) for r in records], dim=self.model.n_features_in_,
-                               max_bytes=k.max_record_bytes, max_key_bytes=k.max_key_bytes, max_id_bytes=k.max_id_bytes)
+        decoded = self._decode(records)
         clock.lap("decode")
         if self.outputs.skip_publishing(records):
             self._relearn(batch, decoded, clock)
@@ -391,6 +395,12 @@ class StreamService:
         self._batch_done(clock)
         self.hooks.on_batch(BatchInfo(records=records, end=batch.end, labelled=len(valid), dead_lettered=len(decoded.failures),
                                       relearnt=False, started=clock.started, timings=clock.laps))
+
+    def _decode(self, records: list):
+        """The batch's usable rows (``.X``, ``.ids``, ``.valid``) and its ``.failures`` (dead letters)."""
+        k = self.settings.kafka
+        return decode_batch([(r.key, r.value, r.headers) for r in records], dim=self.model.n_features_in_,
+                            max_bytes=k.max_record_bytes, max_key_bytes=k.max_key_bytes, max_id_bytes=k.max_id_bytes)
 
     def _label(self, valid: list, decoded, version: int, clock: _Stopwatch) -> None:
         """Predict, send the assignments, start the update."""
@@ -483,9 +493,13 @@ class StreamService:
         self.outputs.send(self.settings.kafka.output_topic, key=DRIFT_KEY, value=drift)
         for event in update.report.lifecycle:  # after the drift record that names the new ids
             self.outputs.send(self.settings.kafka.output_topic, key=str(event["cluster"]).encode(), value=encode_lifecycle(event))
+        self._updated(update)
         self.metrics.record_update(update.report, self.model)
         self.hooks.on_update(update.report, update.started, update.ended)
         return True
+
+    def _updated(self, update) -> None:
+        """An update's records were sent (the learner role publishes the new version here)."""
 
     def _hold(self, batch: Batch) -> None:
         if self.ownership.epoch is not None:  # a fenced owner drops its batches instead

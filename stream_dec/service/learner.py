@@ -37,16 +37,22 @@ class Update:
     replayed: bool = False
 
 
-def _learn(model, X, ranges, plan=None, batch=None) -> Update:
+def _learn(method: str, model, X, ranges, plan=None, batch=None) -> Update:
     t0 = time.perf_counter()
-    report = model.partial_fit(X) if plan is None else model.partial_fit(X, plan=plan)
+    fit = getattr(model, method)
+    report = fit(X) if plan is None else fit(X, plan=plan)
     return Update(report, ranges, t0, time.perf_counter(), batch, plan is not None)
 
 
 class Learner:
-    """Runs ``model.partial_fit`` on a worker thread, one batch at a time."""
+    """Runs ``model.partial_fit`` on a worker thread, one batch at a time.
 
-    def __init__(self):
+    ``method``: the model's method to call, ``"partial_fit"`` (inputs) or
+    ``"partial_fit_latent"`` (latents, the learner role).
+    """
+
+    def __init__(self, method: str = "partial_fit"):
+        self.method = method
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-dec-learn")
         self._running: Future | None = None
 
@@ -54,7 +60,7 @@ class Learner:
         """Start learning batch ``X``; ``ranges``: its (first, last) offset per partition; ``plan``: redo this update."""
         if self._running is not None:
             raise RuntimeError("the previous update was not collected (settle) before the next one")
-        self._running = self._pool.submit(_learn, model, X, ranges, plan, batch)
+        self._running = self._pool.submit(_learn, self.method, model, X, ranges, plan, batch)
 
     def busy(self) -> bool:
         """Whether an update is running or waits to be collected."""
@@ -71,10 +77,9 @@ class Learner:
         running, self._running = self._running, None
         return running.result()
 
-    @staticmethod
-    def learn_now(model, X, ranges: dict[int, tuple[int, int]] | None = None, *, plan=None, batch: Any = None) -> Update:
+    def learn_now(self, model, X, ranges: dict[int, tuple[int, int]] | None = None, *, plan=None, batch: Any = None) -> Update:
         """Learn ``X`` on the caller's thread (``plan``: redo this update)."""
-        return _learn(model, X, ranges or {}, plan, batch)
+        return _learn(self.method, model, X, ranges or {}, plan, batch)
 
     def close(self) -> None:
         """Let the running update finish and stop the thread."""
