@@ -774,7 +774,7 @@ def scale_out_prometheus(tmp_path_factory):
     learner.owner_epoch.set(1)
     learner.batches.inc(20)
     learner.update_seconds.observe(0.05)
-    learner.record_positions({0: (5000, 5000)})  # the feed, read to its end
+    learner.record_positions({0: (4995, 5000)})  # the feed: 5 items to go
     learner.checkpoint_written(0.05)
     learner.snapshot_published(50, nbytes=310_000, published_at=now - 1.0)
     learner.advised_sample_rate(1.0)
@@ -874,7 +874,11 @@ def test_the_scale_out_panels_show_each_role(scale_out_prometheus):
     assert series("Feed sample rate") == {
         ("learner", "learner"): 1, ("standby", "learner"): 1, ("p1", "predictor"): 1, ("p2", "predictor"): 1, ("p3", "predictor"): 1,
     }
-    assert series("Learner feed lag") == {("learner", ""): 0}  # the standby reads no feed
+    assert series("Learner feed lag") == {("learner", ""): 5}  # the standby reads no feed
+    # The input panels leave the learner's feed out: its partition 0 is not input partition 0.
+    lag = {r["metric"]["partition"]: float(r["value"][1]) for r in values["panel 'Consumer lag by partition' target A"]}
+    assert lag == {str(p): 0.0 for p in range(8)}
+    assert [float(r["value"][1]) for r in values["panel 'Consumer lag' target A"]] == [0.0]
     [(labels, size)] = series("Snapshots", "D").items()
     assert size == 310_000
     assert series("Snapshots", "C") == {("", ""): 0}  # no predictor waits for a model
