@@ -119,7 +119,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         and ``partial_fit(X, plan=...)`` redoes them exactly, ignoring the clock.
     online_lr : online step size in units of the within-cluster spread.
     ewc_lambda, fisher_decay : online-EWC strength and the decay of the running Fisher
-        (and of the running evidence counts of the "mean" rule).
+        (stream_dec/online/ewc.py: under "mean" the decayed count of items given to each
+        id, the Fisher of its Gaussian likelihood; under "dec" the Student-t Fisher).
     distill_weight : weight of KL(q_old || q_new) on reservoir latents.
     freq_decay : decay of the running cluster frequencies used by the target.
     reservoir_size : latents remembered for rehearsal and the churn guard.
@@ -230,9 +231,9 @@ class StreamDEC(ClusterMixin, BaseEstimator):
     radius_ = _Column("clusters_", "radius", "Squared distance within which each cluster explains an item.")
     freq_ = _Column("clusters_", "freq", "Running soft cluster frequencies.")
     next_id_ = _Column("clusters_", "next_id", "The id the next new cluster gets.")
-    fisher_ = _Column("ewc_", "fisher", "Running diagonal Fisher of the centres ``[K, d]``.")
+    fisher_ = _Column("ewc_", "fisher", "Running diagonal Fisher ``[K, d]`` of the centres under the centre rule's likelihood.")
     ewc_anchor_ = _Column("ewc_", "anchor", "Centres the EWC penalty pulls toward ``[K, d]``.")
-    evidence_ = _Column("ewc_", "evidence", "Running count of items given to each cluster.")
+    evidence_ = _Column("ewc_", "evidence", "Running count of items given to each cluster (the \"mean\" rule's Fisher per dimension).")
 
     def __init__(
         self,
@@ -399,8 +400,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.clusters_ = ClusterTable.from_fit(
             centres, radius=radius, freq=(counts.float() / counts.sum()).clamp_min(1e-6), support=counts.cpu().numpy()
         )
-        self.ewc_ = OnlineEWC.from_fit(z, centres, counts, self.alpha)
         self.rule_ = make_rule(self.centre_rule, k, centres.shape[1], centres.device)
+        self.ewc_ = OnlineEWC.from_fit(z, centres, counts, self.alpha, likelihood=self.rule_.likelihood)
         self.clusters_.parts = [self.ewc_, self.rule_]
         self.version_ = 0
         # Data-relative scales: the typical within-cluster mean squared distance sets the
@@ -517,11 +518,15 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         return self._report(u, churn, action, lifecycle)
 
     def _rule(self):
-        """The centre rule object for ``centre_rule`` (a fresh one if the parameter changed)."""
+        """The centre rule object for ``centre_rule`` (a fresh one if the parameter changed),
+        with ``ewc_`` holding the Fisher of its likelihood."""
+        t = self.clusters_
         if self.rule_.name != self.centre_rule:
-            t = self.clusters_
             self.rule_ = make_rule(self.centre_rule, len(t), t.centres.shape[1], t.device)
             t.parts = [self.ewc_, self.rule_]
+        if self.ewc_.likelihood != self.rule_.likelihood:
+            res = torch.from_numpy(self.reservoir_.data).to(t.device)
+            self.ewc_.use(self.rule_.likelihood, res, gates.assign(t, res), self.alpha)
         return self.rule_
 
     def _begin_update(self, z: torch.Tensor, t0: float, replay: UpdatePlan | None) -> UpdateContext:

@@ -4,11 +4,11 @@ A rule is chosen by ``StreamDEC(centre_rule=...)`` and has ``step(est, u)`` (mov
 ``est.clusters_.centres`` for the update ``u``, at most ``u.step_budget`` steps and
 none once ``u.out_of_step_time()``; returns ``(steps taken, whether the clock cut them)``),
 ``state()`` / ``load_state()`` (what a checkpoint stores for it) and ``on_append`` /
-``on_drop`` (kept in step with the cluster table). Both rules consolidate through
-``est.ewc_`` (:class:`stream_dec.online.ewc.OnlineEWC`).
+``on_drop`` (kept in step with the cluster table), and ``likelihood``: the Fisher it
+weighs moves by, which ``est.ewc_`` (:class:`stream_dec.online.ewc.OnlineEWC`) keeps.
 
-* :class:`MeanRule` (``"mean"``): an online-EWC MAP step of a k-means likelihood; it
-  has no state of its own.
+* :class:`MeanRule` (``"mean"``): the closed-form online-EWC MAP step of a k-means
+  likelihood; it has no state of its own (its Fisher is the EWC object's).
 * :class:`DecRule` (``"dec"``): DEC KL gradient steps under the diagonal-Fisher EWC
   penalty and distillation on the reservoir, with Adam moments kept across updates.
 """
@@ -30,18 +30,21 @@ STEP_ROWS = 256  # rows per online gradient step (a fresh slice of the batch eac
 
 
 class MeanRule:
-    """Online-EWC step of a k-means (Gaussian) likelihood: a precision-weighted mean.
+    """Online EWC of a k-means (Gaussian) likelihood: a precision-weighted mean.
 
-    With the old centre as prior, each item of evidence weighing the same and the
-    running evidence count e_j (``est.ewc_.evidence``) as the prior's Fisher, the MAP
-    centre is μ_j + η_j (m_j - μ_j), η_j = n_j / (n_j + ewc_lambda · e_j), where m_j is
-    the mean of the n_j batch items given to id j. A drifting class is followed within
-    a few batches; a few stray items barely move a centre. One closed-form step, so
+    The step minimises the batch's Gaussian negative log-likelihood plus the EWC term
+    (λ/2) Σ F ⊙ (μ - μ*)², with F the Gaussian Fisher of ``est.ewc_`` (the decayed count
+    of items each id was given) and μ* its anchor (the centres after the last update).
+    Its closed form (:func:`stream_dec.model.ewc.gaussian_map`) is
+    μ_j = μ*_j + η_j (m_j - μ*_j), η_j = n_j / (n_j + ewc_lambda · F_j), where m_j is the
+    mean of the n_j batch items given to id j. A drifting class is followed within a
+    few batches; a few stray items barely move a centre. One closed-form step, so
     ``online_steps`` only switches it off (0); it is not taken when the update's time
     is already spent.
     """
 
     name = "mean"
+    likelihood = "gaussian"  # the Fisher it needs from est.ewc_
 
     @torch.no_grad()
     def step(self, est: "StreamDEC", u: UpdateContext) -> tuple[int, bool]:
@@ -51,12 +54,9 @@ class MeanRule:
         if u.out_of_step_time():
             return 0, True
         t = est.clusters_
-        k = t.centres.shape[0]
-        counts = torch.bincount(u.nearest, minlength=k).to(u.z.dtype)
+        counts = torch.bincount(u.nearest, minlength=t.centres.shape[0]).to(u.z.dtype)
         sums = torch.zeros_like(t.centres).index_add_(0, u.nearest, u.z)
-        eta = counts / (counts + est.ewc_lambda * est.ewc_.evidence[:k]).clamp_min(1e-12)
-        target = sums / counts.clamp_min(1)[:, None]
-        t.centres = t.centres + eta[:, None] * (target - t.centres)
+        t.centres = est.ewc_.gaussian_step(sums, counts, est.ewc_lambda)
         return 1, False
 
     def state(self) -> dict:
@@ -85,6 +85,7 @@ class DecRule:
     """
 
     name = "dec"
+    likelihood = "student_t"  # the Fisher it needs from est.ewc_
     _BETAS, _EPS = (0.9, 0.999), 1e-8
 
     def __init__(self, k: int, dim: int, device: torch.device | str = "cpu"):
