@@ -176,3 +176,41 @@ def consume(bootstrap_servers: str, topic: str, n: int, timeout_s: float = 10.0,
         return sorted(records, key=lambda r: (r.partition, r.offset))
     finally:
         consumer.close()
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for a subprocess's metrics server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric(port: int, name: str) -> float:
+    """The sum over its labels of metric ``name`` scraped from ``/metrics`` on ``port`` (raises if unreachable)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def read_topic(bootstrap_servers: str, topic: str, partition: int = 0, timeout_s: float = 30) -> list:
+    """Every record of one partition, to its high watermark (transaction markers take offsets but hold no record)."""
+    c = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False, fetch_max_wait_ms=100,
+                      fetch_max_bytes=8 * 1_048_576, max_partition_fetch_bytes=8 * 1_048_576)
+    tp = TopicPartition(topic, partition)
+    c.assign([tp])
+    c.seek(tp, 0)
+    out: list = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for batch in c.poll(timeout_ms=200).values():
+                out.extend(batch)
+            hw = c.highwater(tp)
+            if hw is not None and c.position(tp) >= hw:
+                return out
+        raise AssertionError(f"could not read {topic} to its end")
+    finally:
+        c.close()

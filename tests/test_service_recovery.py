@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from kafka_helpers import committed, consume, published, run_env, send_items, setup_stream
+from kafka_helpers import committed, consume, free_port, metric, published, run_env, send_items, setup_stream
 
 from stream_dec import StreamDEC
 from tests.conftest import FAST
@@ -184,21 +184,6 @@ def test_exactly_once_restart_relearns_committed_batches_without_publishing_them
     assert min(a["model_version"] for a in labels[len(first):]) > max(a["model_version"] for a in before)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _metric(port: int, name: str) -> float:
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
-
-
 def _block_checkpoints(ckpt, on: bool) -> None:
     """Make every checkpoint write fail (a directory where the next files would be renamed to), or stop it."""
     from stream_dec.checkpoint import checkpoint_files
@@ -223,7 +208,7 @@ def test_a_failing_checkpoint_dir_loses_nothing_and_a_kill_then_replays_exactly(
     broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
     ckpt = tmp_path / "ckpt"
     StreamDEC(n_clusters=5, random_state=0, centre_rule="dec", **FAST).fit(blobs["X"]).save(ckpt)
-    port = _free_port()
+    port = free_port()
     env = _env(broker, tag, ckpt)
     env.update(STREAM_DEC_METRICS__PORT=str(port), STREAM_DEC_UPDATE__MAX_STEPS="100000", STREAM_DEC_UPDATE__MAX_MS="3")
     rng = np.random.default_rng(3)
@@ -239,16 +224,16 @@ def test_a_failing_checkpoint_dir_loses_nothing_and_a_kill_then_replays_exactly(
         _until(lambda: published(broker.bootstrap_servers, f"out-{tag}") >= 300, proc, "no outputs")
         # 1. Checkpoint writes fail; batches go on (the journal grows) and the write is retried.
         _block_checkpoints(ckpt, True)
-        _until(lambda: _metric(port, "stream_dec_checkpoint_failures_total") >= 2, proc, "no checkpoint failure counted")
+        _until(lambda: metric(port, "stream_dec_checkpoint_failures_total") >= 2, proc, "no checkpoint failure counted")
         _block_checkpoints(ckpt, False)
-        written = _metric(port, "stream_dec_checkpoint_last_success_timestamp_seconds")
-        _until(lambda: _metric(port, "stream_dec_checkpoint_last_success_timestamp_seconds") > written, proc, "no checkpoint after the failure")
+        written = metric(port, "stream_dec_checkpoint_last_success_timestamp_seconds")
+        _until(lambda: metric(port, "stream_dec_checkpoint_last_success_timestamp_seconds") > written, proc, "no checkpoint after the failure")
         # 2. The whole directory is gone: no journal line can be written, so nothing is published.
         away = tmp_path / "ckpt.away"
-        failures = _metric(port, "stream_dec_checkpoint_failures_total")
+        failures = metric(port, "stream_dec_checkpoint_failures_total")
         ckpt.rename(away)
         ckpt.write_text("not a directory")
-        _until(lambda: _metric(port, "stream_dec_checkpoint_failures_total") >= failures + 2, proc, "no journal failure counted")
+        _until(lambda: metric(port, "stream_dec_checkpoint_failures_total") >= failures + 2, proc, "no journal failure counted")
         held = published(broker.bootstrap_servers, f"out-{tag}")
         time.sleep(1.5)
         assert published(broker.bootstrap_servers, f"out-{tag}") == held  # held back, not published without a journal line
@@ -256,9 +241,9 @@ def test_a_failing_checkpoint_dir_loses_nothing_and_a_kill_then_replays_exactly(
         away.rename(ckpt)
         _until(lambda: published(broker.bootstrap_servers, f"out-{tag}") > held + 100, proc, "no outputs after the directory came back")
         # 3. Checkpoints fail again, then kill -9: the restart replays everything since the last good one.
-        failures = _metric(port, "stream_dec_checkpoint_failures_total")
+        failures = metric(port, "stream_dec_checkpoint_failures_total")
         _block_checkpoints(ckpt, True)
-        _until(lambda: _metric(port, "stream_dec_checkpoint_failures_total") > failures, proc, "no second checkpoint failure")
+        _until(lambda: metric(port, "stream_dec_checkpoint_failures_total") > failures, proc, "no second checkpoint failure")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         assert published(broker.bootstrap_servers, f"out-{tag}") < len(items), "killed too late to test recovery"
