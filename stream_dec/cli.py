@@ -194,31 +194,35 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from stream_dec import StreamDEC
 
+    from stream_dec.online.lifecycle import retired_ids
+
     model = StreamDEC.load(args.checkpoint)
     summary = model.summary()
-    info = {"checkpoint": str(model.checkpoint_path_), **summary, "extra": model.checkpoint_extra_}
+    retired = retired_ids(model)
+    info = {"checkpoint": str(model.checkpoint_path_), **summary, "retired_ids": retired, "extra": model.checkpoint_extra_}
     print(json.dumps(info, indent=2, default=str))
     # stdout stays one JSON document for scripts; the tree is for the person reading.
-    print("\n".join(["ids (roots, children indented):", *_tree_lines(summary["tree"])]), file=sys.stderr)
+    print("\n".join(["ids (roots, children indented):", *_tree_lines(summary["tree"], set(retired))]), file=sys.stderr)
     return 0
 
 
-def _tree_lines(nodes: list[dict], depth: int = 0) -> list[str]:
-    """One line per id of ``summary()["tree"]``, children indented under their parent.
+def _tree_lines(nodes: list[dict], retired: set[int] = frozenset(), depth: int = 0) -> list[str]:
+    """One line per id of ``summary()["tree"]``, children indented under their parent; ``retired`` ids marked.
 
     >>> for line in _tree_lines([{"id": 0, "born": 0, "support": 90, "children": [
-    ...         {"id": 5, "born": 3, "support": 40, "children": []}]}, {"id": 1, "born": None, "support": None, "children": []}]):
+    ...         {"id": 5, "born": 3, "support": 40, "children": []}]}, {"id": 1, "born": None, "support": None, "children": []}], {5}):
     ...     print(line)
     0  fitted, support 90
-      5  born v3, support 40
+      5  born v3, support 40, retired
     1
     """
     lines = []
     for n in nodes:
         where = [] if n["born"] is None else ["fitted" if n["born"] == 0 else f"born v{n['born']}"]
         where += [] if n["support"] is None else [f"support {n['support']}"]
+        where += ["retired"] if n["id"] in retired else []
         lines.append(f"{'  ' * depth}{n['id']}" + (f"  {', '.join(where)}" if where else ""))
-        lines += _tree_lines(n["children"], depth + 1)
+        lines += _tree_lines(n["children"], retired, depth + 1)
     return lines
 
 

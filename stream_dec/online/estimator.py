@@ -16,8 +16,9 @@ How one online update protects what downstream systems already store:
   persistence over batches and cohesion;
 * **ids form a hierarchy** (``parent_ids_``): a new cluster whose birth items came in
   mostly (more than half) under one id is recorded as that id's child, otherwise it is
-  a new root; each birth is announced in the report's ``lifecycle`` events. The
-  hierarchy is recorded only: ``predict`` returns the finest id and no label depends on it;
+  a new root; each birth, and each id that stops or starts being used again, is
+  announced in the report's ``lifecycle`` events (:mod:`~stream_dec.online.lifecycle`).
+  The hierarchy is recorded only: ``predict`` returns the finest id and no label depends on it;
 * a **churn guard** measures how many remembered items an update would relabel and
   shrinks the centre step or drops new clusters until it is within budget.
 
@@ -48,7 +49,7 @@ from sklearn.cluster import KMeans
 from stream_dec import checkpoint as ckpt
 from stream_dec._validation import Each, InstanceOf, Interval, NoneOr, Options, check_embeddings, check_params, resolve_device
 from stream_dec.model import Autoencoder, pretrain_autoencoder, refine_dec, soft_assignment, squared_distances
-from stream_dec.online import gates, persistence
+from stream_dec.online import gates, lifecycle, persistence
 from stream_dec.online.clusters import NO_PARENT, ClusterTable
 from stream_dec.online.context import UpdateContext
 from stream_dec.online.ewc import OnlineEWC
@@ -504,18 +505,20 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         u.steps, cut = self._rule().step(self, u)
         u.steps_cut = replay.steps_cut if replay is not None else cut
         res_both = gates.calibrate_moving_gates(self.clusters_, u.res, u.before, self.margin) if u.steps else None
+        window_before = lifecycle.Window.of(self.buffer_)
         aged_z, aged_ids = self.buffer_.add(
             z.cpu().numpy(), self.clusters_.ids[u.nearest.cpu().numpy()], (~u.explained).cpu().numpy(), u.version
         )
         spawned = maybe_spawn(self, u, res_both)
         churn, action, after = churn_guard(self, u, res_both, spawned)
-        lifecycle = self._births(u, after)
+        events = lifecycle.born(self.clusters_, u, after)
         # Statistics draw from the update's generator before the reservoir does.
         self._update_statistics(u)
         self._res_ids = self._remember(u, aged_z, aged_ids, spawned, after)
+        events += lifecycle.turnover(self.clusters_, u, window_before, lifecycle.Window.of(self.buffer_), after, self._res_ids)
         self.version_ = u.version
         self.n_seen_ += int(z.shape[0])
-        return self._report(u, churn, action, lifecycle)
+        return self._report(u, churn, action, events)
 
     def _rule(self):
         """The centre rule object for ``centre_rule`` (a fresh one if the parameter changed),
@@ -592,27 +595,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             after[slots] = gates.assign(t, res[slots])
         return after
 
-    def _births(self, u: UpdateContext, after: torch.Tensor) -> list[dict]:
-        """One ``born`` lifecycle event per new id the update kept, with the evidence of its birth.
-
-        ``founding_taken`` is the share of the parent's remembered items (reservoir items
-        first labelled with the parent) that the new id holds after the update.
-        """
-        t, events = self.clusters_, []
-        ids_after = t.ids[after.cpu().numpy()] if len(after) else np.zeros(0, dtype=np.int64)
-        published = u.published.cpu().numpy()
-        for row in range(u.k_old, len(t)):
-            cid, parent = int(t.ids[row]), int(t.parent[row])
-            own = published == parent
-            taken = float((ids_after[own] == cid).mean()) if parent != NO_PARENT and own.any() else 0.0
-            events.append({
-                "event": "born", "cluster": cid, "parent": None if parent == NO_PARENT else parent,
-                "root": int(t.roots(np.array([cid]))[0]), "model_version": u.version,
-                **u.births[cid], "founding_taken": taken,
-            })
-        return events
-
-    def _report(self, u: UpdateContext, churn: float, action: str, lifecycle: list[dict]) -> DriftReport:
+    def _report(self, u: UpdateContext, churn: float, action: str, events: list[dict]) -> DriftReport:
         t, k_old, plan = self.clusters_, u.k_old, u.plan()
         shift = float((t.centres[:k_old] - u.old_centres).norm(dim=1).mean() / torch.sqrt(t.radius[:k_old]).mean())
         return DriftReport(
@@ -629,7 +612,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             budget_exhausted=plan.cut,
             guard_action=action,
             plan=plan.to_dict(),
-            lifecycle=lifecycle,
+            lifecycle=events,
         )
 
     def _label_only(self, z: torch.Tensor, t0: float) -> DriftReport:

@@ -34,13 +34,18 @@ restored from a checkpoint (or an update replayed from its plan) announces the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from stream_dec.online import gates
 from stream_dec.online.clusters import NO_PARENT, ClusterTable
 from stream_dec.online.context import UpdateContext
 from stream_dec.online.novelty import NoveltyBuffer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from stream_dec.online.estimator import StreamDEC
 
 EVENTS = ("born", "retired", "revived")
 
@@ -98,6 +103,20 @@ def turnover(t: ClusterTable, u: UpdateContext, before: Window, after: Window, m
         events.append({**_names(t, row, u.version, "revived"), "remembered": int(held_after[row]),
                        "window_items": int((after.ids == cid).sum())})
     return sorted(events, key=lambda e: e["cluster"])
+
+
+def retired_ids(est: "StreamDEC") -> list[int]:
+    """The ids of the fitted model ``est`` that are retired now (what ``stream-dec inspect`` marks).
+
+    The rule of :func:`turnover` applied to the model's current state, so an id is
+    listed exactly when its last event was ``retired`` (a model restored from a
+    checkpoint that did not record birth versions may list an id that was unused
+    before it was restored, without a record).
+    """
+    t = est.clusters_
+    res = torch.from_numpy(est.reservoir_.data).to(t.device)
+    held = np.bincount(gates.assign(t, res).cpu().numpy(), minlength=len(t))[: len(t)]
+    return [int(i) for i in t.ids[~_live(t, len(t), held, Window.of(est.buffer_), int(est.version_))]]
 
 
 def _live(t: ClusterTable, k: int, held: np.ndarray, window: Window, version: int) -> np.ndarray:
