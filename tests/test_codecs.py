@@ -20,17 +20,18 @@ from stream_dec.io.codecs import (
     STAGE_VALIDATE,
     DecodeError,
     content_type,
-    decode_record,
     decode_batch,
+    decode_record,
     dlq_headers,
     dlq_headers_for,
     encode_assignment,
     encode_assignments,
     encode_drift,
-    encode_lifecycle,
     encode_float32,
     encode_json,
+    encode_lifecycle,
 )
+from stream_dec.io.feed import FEED_REASONS
 
 F32 = [("content-type", CONTENT_TYPE_FLOAT32.encode())]
 
@@ -303,10 +304,10 @@ def test_dlq_headers():
 
 def test_dlq_schema_lists_every_reason_and_stage():
     props = schema("dlq-headers")["properties"]
-    assert set(props[REASON_HEADER]["enum"]) == set(REASONS)
+    assert set(props[REASON_HEADER]["enum"]) == set(REASONS) | set(FEED_REASONS)
     assert set(props["__connect.errors.stage"]["enum"]) == {STAGE_DECODE, STAGE_VALIDATE}
     v = validator("dlq-headers")
-    for reason, (stage, _) in REASONS.items():
+    for reason, (stage, _) in {**REASONS, **FEED_REASONS}.items():
         v.validate(headers_as_json(dlq_headers([], "embeddings", 0, 1, stage, reason, "detail")))
 
 

@@ -7,8 +7,8 @@ import threading
 from collections import defaultdict
 
 import numpy as np
-from kafka_helpers import consume, published, service_settings, wait_for
 from kafka import KafkaProducer
+from kafka_helpers import consume, published, service_settings, wait_for
 
 from stream_dec import StreamDEC
 from stream_dec.io.codecs import encode_json

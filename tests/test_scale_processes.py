@@ -114,7 +114,7 @@ def test_a_killed_learners_standby_republishes_identical_versions(broker, blobs,
     tag = "kill-learner"
     ckpt = _setup(broker, blobs, tmp_path, tag)
     # No checkpoint after the start: the standby replays every batch from the journal.
-    slow_ckpt = dict(STREAM_DEC_CHECKPOINT__INTERVAL_BATCHES=100_000)
+    slow_ckpt = {"STREAM_DEC_CHECKPOINT__INTERVAL_BATCHES": 100_000}
     a = _Proc(broker, tag, ckpt, "learner", tmp_path, "learner-a", **slow_ckpt)
     pred = _Proc(broker, tag, ckpt, "predictor", tmp_path, "predictor")
     _until(lambda: a.metric("stream_dec_assigned_partitions") == 1 and pred.metric("stream_dec_assigned_partitions") == PARTITIONS,

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from stream_dec import StreamDEC
-from stream_dec.online.snapshot import PredictSnapshot, SnapshotError, encoder_fingerprint
+from stream_dec.online.snapshot import (
+    PredictSnapshot,
+    SnapshotError,
+    encoder_fingerprint,
+)
 
 
 def _stream(blobs, n=12):

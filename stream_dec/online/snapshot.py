@@ -74,7 +74,7 @@ class PredictSnapshot:
 
     # ------------------------------------------------------------ build
     @classmethod
-    def from_model(cls, model) -> "PredictSnapshot":
+    def from_model(cls, model) -> PredictSnapshot:
         """The snapshot of a fitted :class:`~stream_dec.StreamDEC` at its current version (on CPU)."""
         model._check_fitted()
         linears = [m for m in model.autoencoder_.encoder if isinstance(m, torch.nn.Linear)]
@@ -107,7 +107,7 @@ class PredictSnapshot:
         return MAGIC + hashlib.sha256(body).digest() + body
 
     @classmethod
-    def from_bytes(cls, data: bytes, device: str | torch.device = "cpu") -> "PredictSnapshot":
+    def from_bytes(cls, data: bytes, device: str | torch.device = "cpu") -> PredictSnapshot:
         """Read :meth:`to_bytes` output; :class:`SnapshotError` if it is damaged or not a snapshot."""
         data = bytes(data)
         if len(data) < len(MAGIC) + _DIGEST + _LEN.size or not data.startswith(MAGIC):

@@ -39,6 +39,7 @@ import time
 
 import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import OffsetOutOfRangeError
 
 from stream_dec.io.codecs import decode_batch, encode_assignments
 from stream_dec.io.feed import encode_latents, sample_mask
@@ -46,13 +47,20 @@ from stream_dec.io.modeltopic import ModelFollower, Published
 from stream_dec.io.partitioner import default_partitions
 from stream_dec.online.snapshot import PredictSnapshot, SnapshotError
 from stream_dec.service.batcher import Batch, Batcher
-from stream_dec.service.clients import broker_connected, consumer_config, highwater_lag, make_output_producer, transactional_id
+from stream_dec.service.clients import (
+    broker_connected,
+    consumer_config,
+    highwater_lag,
+    make_output_producer,
+    transactional_id,
+)
 from stream_dec.service.deadletters import DeadLetters
 from stream_dec.service.fencing import instance_id
 from stream_dec.service.hooks import BatchInfo, ServiceHooks
 from stream_dec.service.metrics import MetricsServer, ServiceMetrics
 from stream_dec.service.outage import Outage, OutageError
 from stream_dec.service.outputs import AtLeastOnceOutputs, ExactlyOnceOutputs
+from stream_dec.service.positions import InputPositions
 from stream_dec.service.progress import Progress
 from stream_dec.settings import Settings
 
@@ -105,6 +113,7 @@ class PredictorService:
         self._last_activity = 0.0
         self._rejected = 0  # snapshots the follower rejected so far (counted into the metrics)
         self.outage = Outage(settings, self.metrics, self._stop)
+        self.positions = InputPositions(settings, self.metrics, self.outage)
 
     # ------------------------------------------------------------ the loop
     def run(self, *, max_idle_s: float | None = None, install_signals: bool = True) -> int:
@@ -247,15 +256,31 @@ class PredictorService:
     def _poll(self) -> int:
         t0 = time.perf_counter()
         wait_ms, room = self.batcher.poll_budget()
-        polled = self.consumer.poll(timeout_ms=min(wait_ms, MAX_POLL_MS) if wait_ms else 0, max_records=room)
+        try:
+            polled = self.consumer.poll(timeout_ms=min(wait_ms, MAX_POLL_MS) if wait_ms else 0, max_records=room)
+        except OffsetOutOfRangeError as exc:
+            fetched = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+            self._reset_positions(self.positions.refused(self.consumer, fetched))
+            polled = {}
         polled_s = time.perf_counter() - t0
         n = 0
         with self._lock:
             for records in polled.values():
                 self.batcher.add(records)
                 n += len(records)
+        outside = self.positions.check(self.consumer, n)
+        if outside:
+            self._reset_positions(outside)
         self.hooks.on_poll(n, time.perf_counter() - t0, polled_s)
         return n
+
+    def _reset_positions(self, outside) -> None:
+        """Positions outside the log (positions.py): the offset-reset policy, after the fetched records are labelled."""
+        self.positions.report(outside)
+        with self._lock:
+            while (batch := self.batcher.cut(self.offsets, now=True)) is not None:
+                self._process(batch)
+            self.offsets.update(self.positions.reset(self.consumer, outside))
 
     def _idle(self, max_idle_s: float | None) -> bool:
         if max_idle_s is None or not self._last_activity or self.batcher.pending:
@@ -318,6 +343,7 @@ class PredictorService:
             self.offsets = {}
             self._refresh.set()
             self._last_activity = time.monotonic()
+        self.positions.assigned(partitions)
         self.metrics.assigned.set(len(self.consumer.assignment()) if self.consumer is not None else len(partitions))
         log.info("assigned input partitions %s", sorted(tp.partition for tp in partitions))
         self.hooks.on_assigned([tp.partition for tp in partitions])
@@ -327,6 +353,7 @@ class PredictorService:
         with self._lock:
             self.batcher.clear()
             self.offsets = {}
+        self.metrics.forget_partitions([tp.partition for tp in partitions])
 
 
 class _Listener(ConsumerRebalanceListener):
