@@ -3,8 +3,8 @@
 The run sends the stream as fast as it can (``--rate 0``) with a long batch wait, so
 every micro-batch is cut by size, and on the CPU, so the run is deterministic (seed 0)
 and the quality bounds below hold on every run. At the demo's default pacing batches
-are also cut by the clock and churn on REF varies from run to run, too close to its
-bound for a test.
+are also cut by the clock; churn on REF stays within the same 1% there (measured on
+replays with random cuts, docs/experiments.md), but the run differs from run to run.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def test_new_clusters_appear_with_new_ids(demo):
 def test_old_ids_stay_put_and_quality_beats_the_frozen_model(demo):
     report, _ = demo
     q = report["quality"]
-    assert report["churn_ref"] <= 0.02
+    assert report["churn_ref"] <= 0.01  # the churn promise (README.md); refinements announced by records excluded
+    assert 0 <= report["refined_ref"] <= 1
     assert q["stream"]["acc"] >= 0.45 and q["stream_novel"]["acc"] >= 0.45 and q["stream"]["nmi"] >= 0.55
     assert q["stream"]["acc"] >= q["frozen_stream"]["acc"] + 0.02  # online learning must help
     assert q["ref_after"]["acc"] >= 0.65

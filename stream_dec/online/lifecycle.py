@@ -59,7 +59,7 @@ class Window:
     ttl: int
 
     @classmethod
-    def of(cls, buf: NoveltyBuffer) -> "Window":
+    def of(cls, buf: NoveltyBuffer) -> Window:
         """A copy of ``buf``'s ids and versions (the buffer changes during the update)."""
         return cls(buf.ids.copy(), buf.born.copy(), int(buf.ttl))
 
@@ -105,7 +105,7 @@ def turnover(t: ClusterTable, u: UpdateContext, before: Window, after: Window, m
     return sorted(events, key=lambda e: e["cluster"])
 
 
-def retired_ids(est: "StreamDEC") -> list[int]:
+def retired_ids(est: StreamDEC) -> list[int]:
     """The ids of the fitted model ``est`` that are retired now (what ``stream-dec inspect`` marks).
 
     The rule of :func:`turnover` applied to the model's current state, so an id is
