@@ -51,6 +51,7 @@ from stream_dec._validation import Each, InstanceOf, Interval, NoneOr, Options, 
 from stream_dec.model import Autoencoder, pretrain_autoencoder, refine_dec, soft_assignment, squared_distances
 from stream_dec.online import gates, lifecycle, persistence
 from stream_dec.online.clusters import NO_PARENT, ClusterTable
+from stream_dec.online.confidence import Calibration, fit_margins, sample_rows
 from stream_dec.online.context import UpdateContext
 from stream_dec.online.ewc import OnlineEWC
 from stream_dec.online.guard import churn_guard
@@ -421,6 +422,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.reservoir_.add(z[order].cpu().numpy(), self.clusters_.ids[lab[order].cpu().numpy()], rng)
         self.buffer_ = NoveltyBuffer(self.buffer_size, z.shape[1], self.buffer_ttl)
         self.n_seen_ = int(z.shape[0])
+        self._calibration = None  # confidence calibration of the current version (derived, not saved)
 
     # ------------------------------------------------------------------ predict
     def predict(self, X) -> np.ndarray:
@@ -437,10 +439,29 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         return torch.cat(out).cpu().numpy()
 
     def predict_with_confidence(self, X) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, confidence)`` in one pass: the id of every row and its confidence."""
+        """``(ids, confidence)`` in one pass: the id of every row and the probability that it is
+        the id the item's group gets (stream_dec/online/confidence.py)."""
         self._check_fitted()
-        rows, conf = gates.label(self.clusters_, self._encode(self._prepare(X)), self.alpha)
+        rows, conf = gates.label(self.clusters_, self._encode(self._prepare(X)), self.confidence_calibration())
         return self.clusters_.ids[rows.cpu().numpy()], conf.cpu().numpy()
+
+    @torch.no_grad()
+    def confidence_calibration(self) -> Calibration:
+        """The calibration of ``predict_with_confidence`` for the current model version.
+
+        Fitted on the gated-distance margins, under the current clusters, of a fixed
+        sample of the items the model remembers labelling (the reservoir) and of the
+        recent window: what it labelled and what it labels now. Derived from
+        checkpointed state, so a loaded model gives the same confidences; computed once
+        per version.
+        """
+        self._check_fitted()
+        cached = self.__dict__.get("_calibration")
+        if cached is None or cached[0] != self.version_:
+            parts = [a[sample_rows(len(a))] for a in (self.reservoir_.data, self.buffer_.z)]
+            z = torch.from_numpy(np.concatenate(parts)).to(self.device_)
+            cached = self._calibration = (self.version_, fit_margins(gates.distances(self.clusters_, z)[1]))
+        return cached[1]
 
     def transform(self, X) -> np.ndarray:
         """Latent codes of ``X``."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from stream_dec.model import soft_assignment, squared_distances
+from stream_dec.model import squared_distances
 from stream_dec.online.clusters import ClusterTable
+from stream_dec.online.confidence import Calibration, confidence
 
 PREDICT_CHUNK = 65536  # rows per distance computation: bounds the [n, 2K] temporary
 
@@ -42,19 +43,20 @@ def assign(t: ClusterTable, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def label(t: ClusterTable, z: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def label(t: ClusterTable, z: torch.Tensor, calibration: Calibration) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows, confidence)`` of every latent: the winning row (into ``t.ids``) and its confidence.
 
     The one labelling function: the estimator's ``predict_with_confidence`` and the
     predict-only snapshot (stream_dec/online/snapshot.py) both call it, so a predictor
-    in another process gives exactly the learner's labels.
+    in another process gives exactly the learner's labels. The confidence is
+    :func:`stream_dec.online.confidence.confidence` of the gated distances under
+    ``calibration`` (the model's ``confidence_calibration()``).
     """
     rows, conf = [], []
     for i in range(0, z.shape[0], PREDICT_CHUNK):
         d = distances(t, z[i : i + PREDICT_CHUNK])[1]
-        best = d.argmin(1)
-        rows.append(best)
-        conf.append(soft_assignment(d, alpha).gather(1, best[:, None]).squeeze(1))
+        rows.append(d.argmin(1))
+        conf.append(confidence(d, calibration))
     if not rows:
         return torch.zeros(0, dtype=torch.long, device=z.device), torch.zeros(0, device=z.device)
     return torch.cat(rows), torch.cat(conf)
