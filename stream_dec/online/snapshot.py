@@ -1,7 +1,8 @@
 """Predict-only snapshots: what a predictor needs to label exactly as the learner would.
 
-A snapshot holds one model version's input normalisation, frozen encoder and cluster
-table (stream_dec/online/clusters.py), and labels with the same function as the
+A snapshot holds one model version's input normalisation, frozen encoder, cluster
+table (stream_dec/online/clusters.py) and confidence calibration
+(stream_dec/online/confidence.py), and labels with the same function as the
 estimator (:func:`stream_dec.online.gates.label`), so the same embedding gets the same
 id and confidence from the learner and from any predictor holding that version. It
 carries no reservoir, novelty window, EWC or rule state: it cannot learn.
@@ -37,6 +38,7 @@ import torch
 from stream_dec._validation import check_embeddings, resolve_device
 from stream_dec.online import gates
 from stream_dec.online.clusters import ClusterTable
+from stream_dec.online.confidence import Calibration
 
 MAGIC = b"SDECSNP1"
 _DIGEST = 32
@@ -57,7 +59,7 @@ class PredictSnapshot:
         self.scalars = scalars
         self.version = int(scalars["version"])
         self.n_features_in_ = int(scalars["n_features_in"])
-        self.alpha = float(scalars["alpha"])
+        self.calibration = Calibration.from_state(scalars["calibration"])
         self.encoder_id = str(scalars["encoder_id"])
         dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
         self.device = dev
@@ -85,7 +87,7 @@ class PredictSnapshot:
         arrays.update({f"table.{k}": v.numpy() for k, v in table.items() if k != "next_id"})
         scalars = {
             "version": int(model.version_), "n_features_in": int(model.n_features_in_), "scale": float(model.scale_),
-            "alpha": float(model.alpha), "encoder_layers": len(linears), "next_id": int(table["next_id"]),
+            "calibration": model.confidence_calibration().state(), "encoder_layers": len(linears), "next_id": int(table["next_id"]),
             "encoder_id": encoder_fingerprint(model),
         }
         return cls(scalars, arrays)
@@ -150,7 +152,7 @@ class PredictSnapshot:
 
     def predict_with_confidence_latent(self, z: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, confidence)`` of latents ``z`` (from :meth:`transform`)."""
-        rows, conf = gates.label(self.table, z, self.alpha)
+        rows, conf = gates.label(self.table, z, self.calibration)
         return self.table.ids[rows.cpu().numpy()], conf.cpu().numpy()
 
     def predict_with_confidence(self, X) -> tuple[np.ndarray, np.ndarray]:

@@ -70,20 +70,22 @@ log = logging.getLogger("stream_dec.service")
 MAX_POLL_MS = 200
 #: Header naming the sample rate the learner advises (io/modeltopic.py passes ``x-`` headers as meta).
 RATE_META = "sample-rate"
-#: This process, in its exactly-once transactional id (kept when an outage replaces the producer).
-_INSTANCE = instance_id()
 
 
-class _PredictorExactlyOnce(ExactlyOnceOutputs):
-    """Exactly-once for one predictor: its own transactional id, so predictors do not fence each other.
+def _exactly_once_outputs(instance: str) -> type[ExactlyOnceOutputs]:
+    """Exactly-once outputs with this predictor's own transactional id, so predictors do not fence each other.
 
     A zombie predictor is fenced by the group generation that
-    ``send_offsets_to_transaction`` carries, not by a shared id.
+    ``send_offsets_to_transaction`` carries, not by a shared id. The id is kept when an
+    outage replaces the producer.
     """
 
-    @classmethod
-    def producer_overrides(cls, settings) -> dict:
-        return {"transactional_id": f"{transactional_id(settings)}-predictor-{_INSTANCE}"}
+    class PredictorExactlyOnce(ExactlyOnceOutputs):
+        @classmethod
+        def producer_overrides(cls, settings) -> dict:
+            return {"transactional_id": f"{transactional_id(settings)}-predictor-{instance}"}
+
+    return PredictorExactlyOnce
 
 
 class PredictorService:
@@ -106,7 +108,8 @@ class PredictorService:
         self.offsets: dict[int, int] = {}
         self.processed_batches = 0
         self.consumer = self.outputs = self.follower = self.server = None
-        self._outputs_class = _PredictorExactlyOnce if settings.kafka.processing_guarantee == "exactly_once" else AtLeastOnceOutputs
+        eos = settings.kafka.processing_guarantee == "exactly_once"
+        self._outputs_class = _exactly_once_outputs(instance_id()) if eos else AtLeastOnceOutputs
         self._stop = threading.Event()
         self._lock = threading.RLock()  # batch processing vs the rebalance callbacks (client IO thread)
         self._refresh = threading.Event()  # an assignment happened: read the model topic to its end first
@@ -198,6 +201,7 @@ class PredictorService:
         self.metrics.waiting_for_model(True)
         waited, wait_s = 0.0, self.settings.scale.model_wait_s
         while not self._stop.is_set():
+            self.metrics.loop_alive()  # waiting is not a stalled loop: /healthz stays 200
             self._follow(newest=True, timeout_s=min(2.0, wait_s))
             if self.snapshot is not None:
                 self.metrics.waiting_for_model(False)
