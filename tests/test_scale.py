@@ -7,8 +7,9 @@ import threading
 from collections import defaultdict
 
 import numpy as np
+import pytest
 from kafka import KafkaProducer
-from kafka_helpers import consume, published, service_settings, wait_for
+from kafka_helpers import read_topic, service_settings, wait_for
 
 from stream_dec import StreamDEC
 from stream_dec.io.codecs import encode_json
@@ -47,11 +48,13 @@ def _start(services):
     return threads
 
 
-def test_one_learner_three_predictors_label_everything_with_versions(broker, blobs, tmp_path):
-    tag = "scale"
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_one_learner_three_predictors_label_everything_with_versions(broker, blobs, tmp_path, guarantee):
+    tag = f"scale-{guarantee.replace('_', '-')}"
     ckpt = _setup(broker, blobs, tmp_path, tag)
-    learner = LearnerService(_settings(broker, ckpt, tag, "learner"))
-    preds = [build_service(_settings(broker, ckpt, tag, "predictor")) for _ in range(3)]
+    eos = {"kafka__processing_guarantee": guarantee}
+    learner = LearnerService(_settings(broker, ckpt, tag, "learner", **eos))
+    preds = [build_service(_settings(broker, ckpt, tag, "predictor", **eos)) for _ in range(3)]
     assert all(isinstance(p, PredictorService) for p in preds)
     threads = _start([learner, *preds])
     # Every predictor loads the version the learner starts from before it joins the group.
@@ -121,5 +124,4 @@ def _partition_of(key: str) -> int:
 
 
 def _read_all(broker, topic):
-    n = published(broker.bootstrap_servers, topic)
-    return [json.loads(r.value) for r in consume(broker.bootstrap_servers, topic, n, timeout_s=20)]
+    return [json.loads(r.value) for r in read_topic(broker.bootstrap_servers, topic)]
