@@ -68,10 +68,10 @@ def reliability(conf: np.ndarray, right: np.ndarray) -> dict[str, Any]:
     for i in range(len(BINS) - 1):
         m = b == i
         if m.any():
-            bins.append({"lo": round(float(BINS[i]), 1), "hi": round(float(BINS[i + 1]), 1), "count": int(m.sum()),
+            bins.append({"lo": round(float(BINS[i]), 1), "hi": round(float(BINS[i + 1]), 1), "count": int(np.count_nonzero(m)),
                          "mean_conf": float(conf[m].mean()), "accuracy": float(right[m].mean())})
     ece = sum(x["count"] * abs(x["mean_conf"] - x["accuracy"]) for x in bins) / max(len(conf), 1)
-    return {"bins": bins, "ece": float(ece), "n": int(len(conf)), "mean_conf": float(conf.mean()), "accuracy": float(right.mean())}
+    return {"bins": bins, "ece": float(ece), "n": len(conf), "mean_conf": float(conf.mean()), "accuracy": float(right.mean())}
 
 
 def run_one(X: np.ndarray, y: np.ndarray, seed: int, T: int = 20) -> dict[str, np.ndarray]:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         for score in SCORES:
             results[name][score] = reliability(np.concatenate([r[score] for r in runs]), right)
         print(format_tables({name: results[name]}), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit, "argv": sys.argv[1:],
             "seconds": round(time.perf_counter() - t0, 1), "threads": args.threads}
     args.out.parent.mkdir(parents=True, exist_ok=True)
