@@ -38,8 +38,11 @@ Five measurements, each against the targets of the scale-out work (README "Scale
    (docs/quality-protocol.md; bench/protocol.py and bench/run_quality.py, imported):
    the learner sees only the items of each micro-batch that ``sample_mask`` keeps (by
    item id), through ``partial_fit_latent(transform(...))``; ACC/NMI and churn are
-   scored on every item with ``predict``. The plain ``partial_fit`` StreamDEC runs
-   beside as a check (rate 1 must give the same figures). One thread.
+   scored on every item with ``predict``. ``pooled@R`` rows keep the learner's batch
+   size instead (sampled latents accumulate to a micro-batch's worth before an update:
+   a learner's batches close at ``batch.max_size`` whatever the rate). The plain
+   ``partial_fit`` StreamDEC runs beside as a check (rate 1 gives the same figures).
+   One thread.
 
     nice -n 10 python bench/run_scale.py                 # full run, about 15 min on 2 cores
     nice -n 10 python bench/run_scale.py --quick         # smoke run, about 2-3 min
@@ -85,7 +88,6 @@ try:  # imported as part of the namespace package ``bench``
         write_json,
     )
     from .run_service import (
-        DEFAULT_DATA,
         CpuMeter,
         PhaseClock,
         bare_loop,
@@ -112,7 +114,6 @@ except ImportError:  # bench/ itself is on sys.path (python bench/run_scale.py)
         write_json,
     )
     from run_service import (
-        DEFAULT_DATA,
         CpuMeter,
         PhaseClock,
         bare_loop,
@@ -381,7 +382,9 @@ def cpu_run(broker, X_stream: np.ndarray, base: Path, work: Path, n_pred: int, n
         "predictors": n_pred, "records": n, "labelled_per_predictor": labelled, "wall_s": wall,
         "predictor_cpu_s": pred_cpu, "learner_cpu_s": learner_cpu, "broker_cpu_s": broker_cpu,
         "cpu_s_per_1k": {"predictors": sum(pred_cpu) * k, "learner": learner_cpu * k, "broker": broker_cpu * k,
-                         "aggregate": (sum(pred_cpu) + learner_cpu + broker_cpu) * k},
+                         "aggregate": (sum(pred_cpu) + learner_cpu + broker_cpu) * k,
+                         # Less what the predictors burn idle (polls, heartbeats) over the same wall time.
+                         "predictors_less_idle": (sum(pred_cpu) - sum(idle[p] for p in preds) * wall) * k},
         "idle_cores": {"predictors": [idle[p] for p in preds], "learner": idle[learner]},
         "feed_items_seen": feed_sent, "exit_status": status, "loadavg": loadavg(),
         "propagation": propagation(broker.bootstrap_servers, f"model-{tag}", preds, t_ready, hist),
@@ -532,17 +535,19 @@ def learner_run(base: Path, work: Path, Z_path: Path, encoder: str, mode: str, a
         settings = role_settings(broker.bootstrap_servers, "learner", f"g-{tag}", "unused", tag, f"model-{tag}", f"feed-{tag}",
                                  checkpoint__dir=str(fresh_ckpt(base, work, tag)))
         learner, thread = start_learner(settings, ServiceHooks(on_batch=batch, on_update=update))
-        cpu0 = time.process_time()
         pacer = subprocess.Popen([sys.executable, "-c", PACER, broker.bootstrap_servers, f"feed-{tag}", f"model-{tag}", encoder, str(Z_path),
                                   str(args.aggregate_rate), mode, str(args.learner_seconds)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
-        t_start, samples = time.perf_counter(), []
-        for line in pacer.stdout:
+        samples = []
+        for line in pacer.stdout:  # the window: the pacer's first report (it is sending) to its last
             s = json.loads(line)
-            s["elapsed_s"], s["lag_latents"] = time.perf_counter() - t_start, max(0, s["records"] - ends[-1]) * 1024
+            s["perf"], s["cpu"] = time.perf_counter(), time.process_time()
+            s["elapsed_s"], s["lag_latents"] = s["perf"] - samples[0]["perf"] if samples else 0.0, max(0, s["records"] - ends[-1]) * 1024
             samples.append(s)
         pacer.wait(timeout=60)
-        t_end = time.perf_counter()
-        cpu = time.process_time() - cpu0  # this process: mostly the learner's threads
+        cpu = samples[-1]["cpu"] - samples[0]["cpu"] if samples else 0.0  # this process: mostly the learner's threads
+        if len(samples) < 2:
+            raise RuntimeError(f"learner run {mode}: the pacer reported {len(samples)} times")
+        t_start, t_end = samples[0]["perf"], samples[-1]["perf"]
         learner.stop()
         thread.join(timeout=120)
     return learner_summary(mode, samples, [u for u in updates if t_start <= u[0] <= t_end], t_end - t_start, cpu, args)
@@ -554,7 +559,7 @@ def learner_summary(mode: str, samples: list[dict], updates: list[tuple], second
     t = np.array([s["elapsed_s"] for s in samples])
     half = t >= t[-1] / 2 if len(t) else np.array([], bool)
     slope = float(np.polyfit(t[half], lag[half], 1)[0]) if half.sum() >= 3 else None
-    offered = samples[-1]["rows"] / seconds if samples else 0.0
+    offered = (samples[-1]["rows"] - samples[0]["rows"]) / seconds
     learnt = sum(u[1] for u in updates) / seconds
     rates = [s["rate"] for s in samples]
     tail = rates[-max(1, len(rates) // 3):]
@@ -597,10 +602,16 @@ class SampledStreamDEC:
     What a learner fed by predictors at ``rate`` sees: ``partial_fit_latent(transform(X[kept]))``.
     ``predict`` (and everything else) is the model's own, on every item. ``ids_of(X)`` names
     the rows of a batch (their item ids in the stream).
+
+    ``pooled``: the sampled latents wait until they are as many as the micro-batch they
+    came from, then make one update. A learner's batches keep their size whatever the
+    rate (they close at ``batch.max_size`` latents), so at rate 0.1 it updates about a
+    tenth as often on full batches, rather than as often on tenth-size ones.
     """
 
-    def __init__(self, model, rate: float, ids_of):
-        self.model, self.rate, self.ids_of = model, rate, ids_of
+    def __init__(self, model, rate: float, ids_of, pooled: bool = False):
+        self.model, self.rate, self.ids_of, self.pooled = model, rate, ids_of, pooled
+        self._pending: list[np.ndarray] = []
 
     def __getattr__(self, name: str) -> Any:
         if name == "model":
@@ -624,7 +635,14 @@ class SampledStreamDEC:
         keep = sample_mask(self.ids_of(X), self.rate)
         if not keep.any():
             return None
-        return self.model.partial_fit_latent(self.model.transform(np.asarray(X)[keep]))
+        Z = self.model.transform(np.asarray(X)[keep])
+        if not self.pooled:
+            return self.model.partial_fit_latent(Z)
+        self._pending.append(Z)
+        if sum(len(z) for z in self._pending) < len(X):
+            return None
+        Z, self._pending = np.concatenate(self._pending), []
+        return self.model.partial_fit_latent(Z)
 
     def predict(self, X) -> np.ndarray:
         """The model's ids for every row."""
@@ -651,8 +669,9 @@ def quality_section(args) -> dict[str, Any]:
         X, y = load_set(args.data_dir, set_name)
         ids_of = item_ids(set_name, X)
         methods = {"stream_dec (partial_fit)": Method(lambda k, s, n: StreamDEC(n_clusters=k, random_state=s, verbose=False))}
-        for rate in RATES:
-            methods[f"sampled@{rate:g}"] = Method(lambda k, s, n, _r=rate, _ids=ids_of: SampledStreamDEC(StreamDEC(n_clusters=k, random_state=s, verbose=False), _r, _ids))
+        for pooled, rate in [(False, r) for r in RATES] + [(True, r) for r in RATES if r < 1]:
+            methods[f"{'pooled' if pooled else 'sampled'}@{rate:g}"] = Method(
+                lambda k, s, n, _r=rate, _ids=ids_of, _p=pooled: SampledStreamDEC(StreamDEC(n_clusters=k, random_state=s, verbose=False), _r, _ids, _p))
         n_classes = len(np.unique(y))
         by_method = results.setdefault(set_name, {m: {"per_seed": []} for m in methods})
         for seed in args.quality_seeds:
@@ -681,14 +700,14 @@ def report(payload: dict[str, Any]) -> str:
                    "(bare / predictor, all threads); cpu r = their ratio; feed sent = latents the predictor sent the learner; oth = cores used by other processes")
     if payload.get("cpu"):
         out.append("\n-- 2. CPU-seconds per 1,000 records per role (processes, one thread each, 6 input partitions; target: predictors flat 1 -> 3) --")
-        out.append(f"{'predictors':>10} {'records':>7} {'predictors':>10} {'per pred':>8} {'learner':>7} {'broker':>6} {'aggregate':>9} {'wall s':>6} {'pred rec/s/core':>15}")
+        out.append(f"{'predictors':>10} {'records':>7} {'predictors':>10} {'less idle':>9} {'learner':>7} {'broker':>6} {'aggregate':>9} {'wall s':>6} {'pred rec/s/core':>15}")
         for r in payload["cpu"]:
             c = r["cpu_s_per_1k"]
-            out.append(f"{r['predictors']:>10} {r['records']:>7} {c['predictors']:>10.3f} {c['predictors'] / r['predictors']:>8.3f} {c['learner']:>7.3f} "
+            out.append(f"{r['predictors']:>10} {r['records']:>7} {c['predictors']:>10.3f} {c['predictors_less_idle']:>9.3f} {c['learner']:>7.3f} "
                        f"{c['broker']:>6.3f} {c['aggregate']:>9.3f} {r['wall_s']:>6.1f} {1000 / c['predictors']:>15,.0f}")
         base = payload["cpu"][0]["cpu_s_per_1k"]["predictors"]
         out.append("predictors' CPU per record relative to 1 predictor: " + ", ".join(f"{r['predictors']}: {r['cpu_s_per_1k']['predictors'] / base:.2f}x" for r in payload["cpu"]))
-        out.append("predictors = all predictor processes together; learner = the learner process until it caught up with the feed (sample rate 1); "
+        out.append("predictors = all predictor processes together; less idle = minus their idle CPU rate (measured before the records) x wall; learner = the learner process until it caught up with the feed (sample rate 1); "
                    "pred rec/s/core = records per CPU-second of the predictors (what one core labels)")
         for r in payload["cpu"]:
             pr = r["propagation"]
@@ -696,7 +715,7 @@ def report(payload: dict[str, Any]) -> str:
             if e["p50"] is not None:
                 out.append(f"\n-- 3. model propagation, {r['predictors']} predictor(s) under load: publication -> every predictor labelling with it (or newer), "
                            f"{pr['versions']} versions: p50 {e['p50']:.2f} s, p95 {e['p95']:.2f} s, max {e['max']:.2f} s; the predictors' histogram: "
-                           f"p50 <= {pr['histogram_p50_le']} s, p95 <= {pr['histogram_p95_le']} s ({pr['histogram_count']:.0f} swaps)")
+                           f"p50 <= {pr['histogram_p50_le']} s, p95 <= {pr['histogram_p95_le']} s ({pr['histogram_count']:.0f} swaps, each predictor's first load at its start included)")
     if payload.get("learner"):
         out.append("\n-- 4. the learner fed at an aggregate input rate of {:,.0f} records/s (in-process, 128-d latents) --".format(payload["learner"][0]["aggregate_rate"]))
         out.append(f"{'rate':>8} {'target/s':>9} {'offered/s':>9} {'learnt/s':>9} {'lag max':>9} {'lag end':>9} {'lag slope/s':>11} {'bounded':>7} {'upd p50':>7} {'upd p95':>7} {'settled':>7}")
@@ -734,6 +753,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train", type=int, default=4000)
     p.add_argument("--n-clusters", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", type=Path, default=None, help="checkpoint dir of the base model: reused when it holds one, else fitted and saved there")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "scale.json")
     args = p.parse_args(argv)
     if args.quick:
@@ -741,6 +761,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.predictors, args.learner_seconds, args.learner_rates = [1, 3], 6.0, [1.0, 0.1]
         args.quality_sets, args.quality_seeds = ["stackoverflow"], [0]
     return args
+
+
+def has_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds a loadable StreamDEC checkpoint."""
+    from stream_dec import StreamDEC
+
+    try:
+        StreamDEC.load(path)
+    except (OSError, ValueError):  # missing, empty or not a checkpoint (CheckpointError): the caller fits one
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -757,10 +788,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     try:
         if set(args.sections) & {"predictor", "cpu", "learner"}:
-            X = build_vectors(DEFAULT_DATA, 384, args.seed)
+            X = build_vectors(args.data_dir / "stackoverflow.npz", 384, args.seed)
             X_train, X_stream = split_stream(X, args.train, max(args.records, args.cpu_records), args.seed)
-            base, fit_s = fit_base(X_train, work / "base", args.n_clusters, args.seed)
-            print(f"base model fitted in {fit_s:.1f} s", flush=True)
+            base = args.base or work / "base"
+            if not has_checkpoint(base):
+                base, fit_s = fit_base(X_train, base, args.n_clusters, args.seed)
+                print(f"base model fitted in {fit_s:.1f} s", flush=True)
             if set(args.sections) & {"predictor", "cpu"}:
                 with EmbeddedBroker() as broker:
                     if "predictor" in args.sections:
