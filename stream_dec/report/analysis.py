@@ -127,6 +127,8 @@ def _born_and_retired(stream: Stream, nodes: dict[int, IdNode]) -> None:
                 node.support, node.support_from = int(evidence), "lifecycle"
         elif rec.get("event") == "retired":
             node.retired_version = int(rec["model_version"])
+        elif rec.get("event") == "revived":  # assigned again: no longer retired
+            node.retired_version = None
 
 
 def id_tree(stream: Stream, b: Batches, ids: np.ndarray, counts: np.ndarray) -> dict[int, IdNode]:
