@@ -68,7 +68,12 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import OffsetOutOfRangeError
 
-from stream_dec.io.codecs import decode_batch, encode_assignments, encode_drift, encode_lifecycle
+from stream_dec.io.codecs import (
+    decode_batch,
+    encode_assignments,
+    encode_drift,
+    encode_lifecycle,
+)
 from stream_dec.io.partitioner import default_partitions
 from stream_dec.service.batcher import Batch, Batcher
 from stream_dec.service.checkpointer import (
@@ -84,7 +89,6 @@ from stream_dec.service.clients import (
     broker_connected,
     highwater_lag,
     make_consumer,
-    make_output_producer,
     transactional_id,
 )
 from stream_dec.service.deadletters import DeadLetters
@@ -93,9 +97,9 @@ from stream_dec.service.fencing import Fenced, OwnerLease, instance_id
 from stream_dec.service.hooks import BatchInfo, ServiceHooks
 from stream_dec.service.journal import JOURNAL, Journal
 from stream_dec.service.learner import Learner
-from stream_dec.service.metrics import MetricsServer, ServiceMetrics
+from stream_dec.service.metrics import ServiceMetrics, serve_metrics
 from stream_dec.service.outage import Outage, OutageError
-from stream_dec.service.outputs import OUTPUTS
+from stream_dec.service.outputs import OUTPUTS, close_outputs, open_outputs
 from stream_dec.service.ownership import Ownership
 from stream_dec.service.positions import InputPositions, Outside
 from stream_dec.service.progress import Progress
@@ -250,10 +254,7 @@ class StreamService:
             self.consumer.close(autocommit=False)
             self.consumer = None
             self.ownership.close()
-        if self.outputs is not None and self.outputs.producer is not None:
-            # In an outage what is left cannot be delivered: nothing of it was committed.
-            self.outputs.producer.close(timeout=0 if self.outage.active else None)
-            self.outputs.producer = None
+        close_outputs(self.outputs, self.outage)
         if self.server is not None:
             self.server.stop()
             self.server = None
@@ -263,20 +264,12 @@ class StreamService:
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
         self.checkpointer.directory.mkdir(parents=True, exist_ok=True)
-        m = self.settings.metrics
-        if m.port:
-            stale_after_s = max(30.0, 3 * self.settings.batch.max_wait_ms / 1000)
-            self.server = MetricsServer(self.metrics, m.host, m.port, stale_after_s=stale_after_s).start()
-            log.info("metrics on http://%s:%d/metrics", m.host, self.server.port)
+        self.server = serve_metrics(self.settings, self.metrics)
         k = self.settings.kafka
         # An unreachable broker is waited for (with backoff, up to max_outage_s), with
         # /healthz answering 503 meanwhile, rather than failing on the first try.
         self.consumer = self.outage.retry(f"broker (input topic {k.input_topic!r})", lambda: make_consumer(self.settings))
-        producer = self.outage.retry(f"broker (output topic {k.output_topic!r})", lambda: make_output_producer(
-            self.settings, **self._outputs_class.producer_overrides(self.settings)))
-        self.outputs = self._outputs_class(self.settings, producer, self.consumer, outage=self.outage)
-        self.outage.retry(f"output topic {k.output_topic!r}", self.outputs.start)
-        self.outputs.partitions_for(k.output_topic)  # reachable before any input is read
+        self.outputs = open_outputs(self.settings, self._outputs_class, self.consumer, self.outage)
         self.dead_letters.start(self.outage, broker_up=lambda: broker_connected(self.consumer))
         self.consumer.subscribe([k.input_topic], listener=self.ownership.listener(self.consumer))
 
@@ -515,7 +508,7 @@ class StreamService:
         self._unsettled = None
         try:
             self.learner.settle()
-        except Exception:  # noqa: BLE001 (an update that failed belongs to the abandoned model)
+        except Exception:
             log.exception("update of the abandoned model failed")
         self._held = None
         self.batcher.clear()

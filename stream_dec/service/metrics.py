@@ -7,13 +7,20 @@ two services in one process (tests) do not collide.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
-
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -262,7 +269,7 @@ class MetricsServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            def do_GET(self) -> None:
                 if self.path.startswith("/metrics"):
                     body, ctype, code = generate_latest(server.metrics.registry), CONTENT_TYPE_LATEST, 200
                 elif self.path.startswith("/healthz"):
@@ -288,7 +295,7 @@ class MetricsServer:
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="stream-dec-metrics", daemon=True)
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         """Serve in a daemon thread."""
         self._thread.start()
         return self
@@ -297,3 +304,17 @@ class MetricsServer:
         """Shut the server down."""
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def serve_metrics(settings, metrics: ServiceMetrics) -> MetricsServer | None:
+    """Start the ``/metrics`` and ``/healthz`` server of ``settings.metrics`` (None when the port is 0).
+
+    ``/healthz`` turns 503 when the loop has not iterated for three batch waits (at least 30 s).
+    """
+    m = settings.metrics
+    if not m.port:
+        return None
+    stale_after_s = max(30.0, 3 * settings.batch.max_wait_ms / 1000)
+    server = MetricsServer(metrics, m.host, m.port, stale_after_s=stale_after_s).start()
+    logging.getLogger("stream_dec.service").info("metrics on http://%s:%d/metrics", m.host, server.port)
+    return server

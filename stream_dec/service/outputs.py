@@ -30,12 +30,16 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from stream_dec.service.clients import CONNECT_TIMEOUT_S, make_output_producer, transactional_id
+from stream_dec.service.clients import (
+    CONNECT_TIMEOUT_S,
+    make_output_producer,
+    transactional_id,
+)
 from stream_dec.service.outage import Outage, OutageError, is_outage
 
 log = logging.getLogger("stream_dec.service")
@@ -297,3 +301,25 @@ class ExactlyOnceOutputs(AtLeastOnceOutputs):
 
 #: The outputs class of each ``kafka.processing_guarantee``.
 OUTPUTS: dict[str, type[AtLeastOnceOutputs]] = {"at_least_once": AtLeastOnceOutputs, "exactly_once": ExactlyOnceOutputs}
+
+
+def open_outputs(settings, outputs_class: type[AtLeastOnceOutputs], consumer: KafkaConsumer, outage: Outage) -> AtLeastOnceOutputs:
+    """The outputs of ``outputs_class`` on a new producer, started, with the output topic reachable.
+
+    An unreachable broker is waited for (with backoff, up to ``max_outage_s``), with
+    ``/healthz`` answering 503 meanwhile, rather than failing on the first try.
+    """
+    k = settings.kafka
+    producer = outage.retry(f"broker (output topic {k.output_topic!r})", lambda: make_output_producer(
+        settings, **outputs_class.producer_overrides(settings)))
+    outputs = outputs_class(settings, producer, consumer, outage=outage)
+    outage.retry(f"output topic {k.output_topic!r}", outputs.start)
+    outputs.partitions_for(k.output_topic)  # reachable before any input is read
+    return outputs
+
+
+def close_outputs(outputs: AtLeastOnceOutputs | None, outage: Outage) -> None:
+    """Close the outputs' producer (idempotent); in an outage what is left cannot be delivered, and nothing of it was committed."""
+    if outputs is not None and outputs.producer is not None:
+        outputs.producer.close(timeout=0 if outage.active else None)
+        outputs.producer = None

@@ -51,15 +51,19 @@ from stream_dec.service.clients import (
     broker_connected,
     consumer_config,
     highwater_lag,
-    make_output_producer,
     transactional_id,
 )
 from stream_dec.service.deadletters import DeadLetters
 from stream_dec.service.fencing import instance_id
 from stream_dec.service.hooks import BatchInfo, ServiceHooks
-from stream_dec.service.metrics import MetricsServer, ServiceMetrics
+from stream_dec.service.metrics import ServiceMetrics, serve_metrics
 from stream_dec.service.outage import Outage, OutageError
-from stream_dec.service.outputs import AtLeastOnceOutputs, ExactlyOnceOutputs
+from stream_dec.service.outputs import (
+    AtLeastOnceOutputs,
+    ExactlyOnceOutputs,
+    close_outputs,
+    open_outputs,
+)
 from stream_dec.service.positions import InputPositions
 from stream_dec.service.progress import Progress
 from stream_dec.settings import Settings
@@ -167,9 +171,7 @@ class PredictorService:
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
             self.consumer = None
-        if self.outputs is not None and self.outputs.producer is not None:
-            self.outputs.producer.close(timeout=0 if self.outage.active else None)
-            self.outputs.producer = None
+        close_outputs(self.outputs, self.outage)
         if self.server is not None:
             self.server.stop()
             self.server = None
@@ -178,21 +180,14 @@ class PredictorService:
         if install_signals and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
-        m, k = self.settings.metrics, self.settings.kafka
-        if m.port:
-            stale_after_s = max(30.0, 3 * self.settings.batch.max_wait_ms / 1000)
-            self.server = MetricsServer(self.metrics, m.host, m.port, stale_after_s=stale_after_s).start()
-            log.info("metrics on http://%s:%d/metrics", m.host, self.server.port)
+        k = self.settings.kafka
+        self.server = serve_metrics(self.settings, self.metrics)
         cfg = consumer_config(self.settings)
         # An ordinary group: partitions are shared among the predictors. A partition the
         # group never committed is labelled from its beginning.
         cfg.update(partition_assignment_strategy=_range_assignors(), auto_offset_reset="earliest")
         self.consumer = self.outage.retry(f"broker (input topic {k.input_topic!r})", lambda: KafkaConsumer(**cfg))
-        producer = self.outage.retry(f"broker (output topic {k.output_topic!r})", lambda: make_output_producer(
-            self.settings, **self._outputs_class.producer_overrides(self.settings)))
-        self.outputs = self._outputs_class(self.settings, producer, self.consumer, outage=self.outage)
-        self.outage.retry(f"output topic {k.output_topic!r}", self.outputs.start)
-        self.outputs.partitions_for(k.output_topic)
+        self.outputs = open_outputs(self.settings, self._outputs_class, self.consumer, self.outage)
         self.dead_letters.start(self.outage, broker_up=lambda: broker_connected(self.consumer))
         self.follower = ModelFollower(k.bootstrap_servers, k.model_topic, client_id=f"{k.client_id}-model")
 
