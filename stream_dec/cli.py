@@ -176,12 +176,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.data}: labels {args.labels_key!r} must be one per row of X ({len(X)}), got shape {np.shape(y)}")
     ids = model.predict(X)
     uniq, counts = np.unique(ids, return_counts=True)
+    confidence = model.predict_with_confidence(X)[1]  # what the service publishes
     out: dict = {
         "checkpoint": str(model.checkpoint_path_),
         "items": int(len(ids)),
         "clusters_used": int(len(uniq)),
         "largest_cluster_share": round(float(counts.max() / len(ids)), 4),
-        "mean_confidence": round(float(model.predict_proba(X).max(1).mean()), 4),
+        "mean_confidence": round(float(confidence.mean()), 4),
     }
     if y is not None:
         out.update({k: round(v, 4) for k, v in score_all(y, ids).items()})

@@ -33,7 +33,8 @@ def test_append_and_drop_keep_every_column_and_part_in_step():
     assert torch.allclose(t.freq[3:], torch.full((2,), 1 / 3))
     assert t.spawned.tolist() == [False, False, False, True, True] and t.gate_cur.tolist()[3:] == [2.0, 3.0]
     assert torch.equal(t.memory[4], torch.full((4,), 9.0)) and torch.equal(ewc.anchor[4], torch.full((4,), 9.0))
-    assert ewc.evidence.tolist() == [100, 60, 40, 30, 40] and (ewc.fisher[3:] == 0).all()
+    # Under the default (Gaussian) likelihood a new cluster's Fisher is its founding item count.
+    assert ewc.evidence.tolist() == [100, 60, 40, 30, 40] and torch.equal(ewc.fisher[3:], torch.tensor([[30.0] * 4, [40.0] * 4]))
     assert (rule.m[:3] == 1).all() and (rule.m[3:] == 0).all() and rule.t.shape == (5,)
     t.drop(a)
     assert t.ids.tolist() == [0, 1, 2, 4] and t.next_id == 5  # the dropped id is never reused

@@ -12,7 +12,8 @@ Format 3 (the one written)::
                       tensor per column: ids, centres, memory, spawned, gate, gate_cur, radius, freq,
                       parent (the id each refines, -1 for a root), born (model version of its
                       birth), support (items it was founded on; -1 where unknown)
-    ewc               fisher, anchor, evidence (stream_dec/online/ewc.py)
+    ewc               likelihood, fisher, anchor (stream_dec/online/ewc.py); older files held
+                      fisher, anchor, evidence, resolved on load
     rule              {"name": centre rule, **its state}: nothing for "mean"; adam_m, adam_v,
                       adam_t for "dec" (stream_dec/online/rules.py)
     reservoir, buffer the reservoir and novelty window (numpy arrays stored as tensors)
