@@ -95,3 +95,19 @@ def test_mean_rule_is_the_precision_weighted_mean(fitted, blobs, tmp_path):
             eta = n / (n + lam * float(e0[j]))
             expect = c0[j] + eta * (z[rows == j].mean(0) - c0[j]) if n else c0[j]
             assert torch.allclose(m.centres_[j], expect, atol=1e-5), (lam, j)
+
+
+def test_reservoir_mirror_follows_every_write():
+    """The device mirror (tested on the CPU through its private path) equals the rows after any adds."""
+    from stream_dec.online.reservoir import Reservoir
+
+    rng = np.random.default_rng(0)
+    r = Reservoir(capacity=50, dim=3)
+    cpu = torch.device("cpu")
+    for n in (20, 20, 25, 7, 60, 1):
+        rows = rng.standard_normal((n, 3)).astype(np.float32)
+        r.add(rows, ids=rng.integers(0, 9, n), rng=rng)
+        mirror_rows, mirror_ids = r._mirrored(cpu)
+        assert torch.equal(mirror_rows, torch.from_numpy(r.data)) and torch.equal(mirror_ids, torch.from_numpy(r.ids))
+    rows, ids = r.tensors("cpu")
+    assert rows.data_ptr() == torch.from_numpy(r.data).data_ptr()  # a view on the CPU, no copy

@@ -7,6 +7,7 @@ of these items an update would relabel, per update and since they were labelled.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 class Reservoir:
@@ -29,6 +30,8 @@ class Reservoir:
         self.data = np.zeros((0, dim), dtype=np.float32)
         self.ids = np.zeros(0, dtype=np.int64)  # cluster id each row had when it was labelled
         self.n_seen = 0
+        self._mirror: tuple[torch.Tensor, torch.Tensor] | None = None  # rows and ids on an accelerator
+        self._dirty: list[np.ndarray] = []  # slots written since the mirror was last brought up to date
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -51,6 +54,7 @@ class Reservoir:
             written = np.arange(start, len(self))
             rows, ids = rows[free:], ids[free:]
         if rows.shape[0] == 0:
+            self._dirty.append(written)
             return written
         # For the i-th row overall, draw j in [0, i); it replaces slot j if j < capacity.
         positions = self.n_seen + np.arange(1, rows.shape[0] + 1)
@@ -60,7 +64,39 @@ class Reservoir:
         self.data[j[keep]] = rows[keep]
         self.ids[j[keep]] = ids[keep]
         self.n_seen += rows.shape[0]
-        return np.union1d(written, j[keep])
+        written = np.union1d(written, j[keep])
+        self._dirty.append(written)
+        return written
+
+    def tensors(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, ids)`` as tensors on ``device``: views on the CPU, a kept mirror elsewhere.
+
+        On an accelerator the mirror stays on the device between updates and only the
+        slots written since the last call are copied over, so an update moves its new
+        rows to the device, not the whole reservoir.
+        """
+        device = torch.device(device)
+        if device.type == "cpu":
+            return torch.from_numpy(self.data), torch.from_numpy(self.ids)
+        return self._mirrored(device)
+
+    def _mirrored(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        mirror, dirty, self._dirty = self._mirror, self._dirty, []
+        if mirror is None or mirror[0].device != device:
+            self._mirror = (torch.from_numpy(self.data).to(device), torch.from_numpy(self.ids).to(device))
+            return self._mirror
+        rows, ids = mirror
+        if rows.shape[0] < len(self):  # appended while filling up
+            grow = len(self) - rows.shape[0]
+            rows = torch.cat([rows, rows.new_empty((grow, rows.shape[1]))])
+            ids = torch.cat([ids, ids.new_empty(grow)])
+        if dirty:
+            slots = np.unique(np.concatenate(dirty))
+            idx = torch.from_numpy(slots).to(device)
+            rows[idx] = torch.from_numpy(self.data[slots]).to(device)
+            ids[idx] = torch.from_numpy(self.ids[slots]).to(device)
+        self._mirror = (rows, ids)
+        return self._mirror
 
     def state(self) -> dict:
         """Plain-data state for checkpoints."""
