@@ -218,7 +218,7 @@ class RoleProcess:
             return self.proc.wait(timeout=10)
 
 
-def role_env(bootstrap: str, tag: str, in_topic: str, ckpt: Path, batch: int) -> dict[str, str]:
+def role_env(bootstrap: str, tag: str, in_topic: str, ckpt: Path, batch: int, wait_ms: int) -> dict[str, str]:
     """Environment of the role processes of one run: topics and group of ``tag``, one thread each, fast group join."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_DEC_")}
     env.update(
@@ -226,7 +226,7 @@ def role_env(bootstrap: str, tag: str, in_topic: str, ckpt: Path, batch: int) ->
         STREAM_DEC_KAFKA__OUTPUT_TOPIC=f"out-{tag}", STREAM_DEC_KAFKA__DLQ_TOPIC=f"dlq-{tag}",
         STREAM_DEC_KAFKA__MODEL_TOPIC=f"model-{tag}", STREAM_DEC_KAFKA__FEED_TOPIC=f"feed-{tag}",
         STREAM_DEC_KAFKA__SESSION_TIMEOUT_MS="6000", STREAM_DEC_KAFKA__HEARTBEAT_INTERVAL_MS="1000",
-        STREAM_DEC_BATCH__MAX_SIZE=str(batch), STREAM_DEC_CHECKPOINT__DIR=str(ckpt), STREAM_DEC_MODEL__THREADS="1",
+        STREAM_DEC_BATCH__MAX_SIZE=str(batch), STREAM_DEC_BATCH__MAX_WAIT_MS=str(wait_ms), STREAM_DEC_CHECKPOINT__DIR=str(ckpt), STREAM_DEC_MODEL__THREADS="1",
         STREAM_DEC_LOG_LEVEL="INFO", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
     )
     return env
@@ -343,13 +343,19 @@ def predictor_section(broker, X_stream: np.ndarray, base: Path, work: Path, args
 
 
 # ----------------------------------------------------------------------------- 2+3. CPU per role, propagation
-def cpu_run(broker, X_stream: np.ndarray, base: Path, work: Path, n_pred: int, n: int, batch: int) -> dict[str, Any]:
-    """One learner and ``n_pred`` predictor processes over a fresh 6-partition topic: CPU-s per 1,000 records per role."""
+def cpu_run(broker, X_stream: np.ndarray, base: Path, work: Path, n_pred: int, n: int, batch: int, wait_ms: int) -> dict[str, Any]:
+    """One learner and ``n_pred`` predictor processes over a fresh 6-partition topic: CPU-s per 1,000 records per role.
+
+    ``wait_ms`` (batch.max_wait_ms of every role) is long enough that batches close on
+    size for every N, as in the backlog one scales out for: one producer here feeds
+    about 15-20k records/s, so with the default 500 ms three predictors' batches would
+    close on time with a third of the records, and per-batch costs would be measured.
+    """
     tag = f"cpu{n_pred}"
     in_topic = f"in-{tag}"
     broker.create_topics([in_topic], partitions=6)
     broker.create_topics([f"out-{tag}", f"dlq-{tag}"])
-    env = role_env(broker.bootstrap_servers, tag, in_topic, fresh_ckpt(base, work, tag), batch)
+    env = role_env(broker.bootstrap_servers, tag, in_topic, fresh_ckpt(base, work, tag), batch, wait_ms)
     learner = RoleProcess("learner", env, work / f"{tag}-learner.log")
     procs = [learner]
     try:
@@ -370,6 +376,7 @@ def cpu_run(broker, X_stream: np.ndarray, base: Path, work: Path, n_pred: int, n
         broker_cpu, wall = proc_cpu(broker.pid) - broker0, time.monotonic() - t0
         learner_cpu = learner_caught_up(learner, procs) - cpu0[id(learner)]
         labelled = [int(p.metric("stream_dec_records_total")) for p in preds]
+        batches = [int(p.metric("stream_dec_batches_total")) for p in preds]
         hist = [{k: v for k, v in scrape(p.port).items() if k.startswith("stream_dec_model_propagation_seconds")} for p in preds]
         feed_sent = sum(p.metric("stream_dec_feed_items_total") for p in preds)  # sent + skipped
         status = [p.stop() for p in preds] + [learner.stop()]
@@ -379,7 +386,8 @@ def cpu_run(broker, X_stream: np.ndarray, base: Path, work: Path, n_pred: int, n
                 p.stop(timeout=20)
     k = 1000.0 / n
     return {
-        "predictors": n_pred, "records": n, "labelled_per_predictor": labelled, "wall_s": wall,
+        "predictors": n_pred, "records": n, "labelled_per_predictor": labelled, "batches_per_predictor": batches,
+        "batch_wait_ms": wait_ms, "wall_s": wall,
         "predictor_cpu_s": pred_cpu, "learner_cpu_s": learner_cpu, "broker_cpu_s": broker_cpu,
         "cpu_s_per_1k": {"predictors": sum(pred_cpu) * k, "learner": learner_cpu * k, "broker": broker_cpu * k,
                          "aggregate": (sum(pred_cpu) + learner_cpu + broker_cpu) * k,
@@ -562,7 +570,7 @@ def learner_summary(mode: str, samples: list[dict], updates: list[tuple], second
     offered = (samples[-1]["rows"] - samples[0]["rows"]) / seconds
     learnt = sum(u[1] for u in updates) / seconds
     rates = [s["rate"] for s in samples]
-    tail = rates[-max(1, len(rates) // 3):]
+    tail = [s["rate"] for s, h in zip(samples, half) if h]
     return {
         "mode": mode, "aggregate_rate": args.aggregate_rate, "seconds": seconds,
         "target_latents_per_s": args.aggregate_rate * (float(mode) if mode != "adaptive" else float(np.mean(rates) if rates else 1.0)),
@@ -571,7 +579,7 @@ def learner_summary(mode: str, samples: list[dict], updates: list[tuple], second
         "lag_latents": {"max": float(lag.max()) if len(lag) else None, "final": float(lag[-1]) if len(lag) else None,
                         "slope_per_s_second_half": slope},
         "lag_bounded": slope is not None and slope * seconds / 2 < 4 * 4096,
-        "settled_rate": float(np.median(tail)) if tail else None, "rate_trace": rates[:: max(1, len(rates) // 20)],
+        "settled_rate": float(np.mean(tail)) if tail else None, "rate_range_second_half": [min(tail), max(tail)] if tail else None, "rate_trace": rates[:: max(1, len(rates) // 20)],
         "lag_trace": lag[:: max(1, len(lag) // 20)].tolist(),
     }
 
@@ -700,11 +708,11 @@ def report(payload: dict[str, Any]) -> str:
                    "(bare / predictor, all threads); cpu r = their ratio; feed sent = latents the predictor sent the learner; oth = cores used by other processes")
     if payload.get("cpu"):
         out.append("\n-- 2. CPU-seconds per 1,000 records per role (processes, one thread each, 6 input partitions; target: predictors flat 1 -> 3) --")
-        out.append(f"{'predictors':>10} {'records':>7} {'predictors':>10} {'less idle':>9} {'learner':>7} {'broker':>6} {'aggregate':>9} {'wall s':>6} {'pred rec/s/core':>15}")
+        out.append(f"{'predictors':>10} {'records':>7} {'predictors':>10} {'less idle':>9} {'learner':>7} {'broker':>6} {'aggregate':>9} {'wall s':>6} {'pred rec/s/core':>15} {'mean batch':>10}")
         for r in payload["cpu"]:
             c = r["cpu_s_per_1k"]
             out.append(f"{r['predictors']:>10} {r['records']:>7} {c['predictors']:>10.3f} {c['predictors_less_idle']:>9.3f} {c['learner']:>7.3f} "
-                       f"{c['broker']:>6.3f} {c['aggregate']:>9.3f} {r['wall_s']:>6.1f} {1000 / c['predictors']:>15,.0f}")
+                       f"{c['broker']:>6.3f} {c['aggregate']:>9.3f} {r['wall_s']:>6.1f} {1000 / c['predictors']:>15,.0f} {sum(r['labelled_per_predictor']) / max(1, sum(r['batches_per_predictor'])):>10,.0f}")
         base = payload["cpu"][0]["cpu_s_per_1k"]["predictors"]
         out.append("predictors' CPU per record relative to 1 predictor: " + ", ".join(f"{r['predictors']}: {r['cpu_s_per_1k']['predictors'] / base:.2f}x" for r in payload["cpu"]))
         out.append("predictors = all predictor processes together; less idle = minus their idle CPU rate (measured before the records) x wall; learner = the learner process until it caught up with the feed (sample rate 1); "
@@ -718,14 +726,15 @@ def report(payload: dict[str, Any]) -> str:
                            f"p50 <= {pr['histogram_p50_le']} s, p95 <= {pr['histogram_p95_le']} s ({pr['histogram_count']:.0f} swaps, each predictor's first load at its start included)")
     if payload.get("learner"):
         out.append("\n-- 4. the learner fed at an aggregate input rate of {:,.0f} records/s (in-process, 128-d latents) --".format(payload["learner"][0]["aggregate_rate"]))
-        out.append(f"{'rate':>8} {'target/s':>9} {'offered/s':>9} {'learnt/s':>9} {'lag max':>9} {'lag end':>9} {'lag slope/s':>11} {'bounded':>7} {'upd p50':>7} {'upd p95':>7} {'settled':>7}")
+        out.append(f"{'rate':>8} {'target/s':>9} {'offered/s':>9} {'learnt/s':>9} {'lag max':>9} {'lag end':>9} {'lag slope/s':>11} {'bounded':>7} {'upd p50':>7} {'upd p95':>7} {'settled':>7} range")
         for r in payload["learner"]:
             lg = r["lag_latents"]
             out.append(f"{r['mode']:>8} {r['target_latents_per_s']:>9,.0f} {r['offered_latents_per_s']:>9,.0f} {r['learnt_latents_per_s']:>9,.0f} {lg['max']:>9,.0f} "
                        f"{lg['final']:>9,.0f} {(lg['slope_per_s_second_half'] or 0):>11,.0f} {r['lag_bounded']!s:>7} {r['update_ms']['p50'] or 0:>7.0f} "
-                       f"{r['update_ms']['p95'] or 0:>7.0f} {r['settled_rate'] or 0:>7.3g}")
+                       f"{r['update_ms']['p95'] or 0:>7.0f} {r['settled_rate'] or 0:>7.3g} {'-'.join(f'{x:g}' for x in r['rate_range_second_half'] or [])}")
         out.append("latents/s: offered = what the pacer sent, learnt = rows of the updates finished in the window; lag = latents sent but not yet "
-                   "in a batch; bounded = the second half's lag slope x half the run < 4 batches of 4,096")
+                   "in a batch; bounded = the second half's lag slope x half the run < 4 batches of 4,096; settled = mean sample rate over the second half "
+                   "(range = its lowest and highest there)")
     if payload.get("quality"):
         out.append("\n-- 5. quality at sample rates 1, 0.5, 0.1 (class-incremental protocol, means over seeds; the learner sees only the sampled items) --")
         out.append(format_table(CI, payload["quality"]))
@@ -740,9 +749,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--records", type=int, default=20_480, help="records per predictor/bare run (a multiple of every batch size)")
     p.add_argument("--batches", type=int, nargs="+", default=[4096, 1024])
     p.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.1], help="sample rates of the predictor runs")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cpu-records", type=int, default=36_864, help="records of each 1/2/3-predictor run")
     p.add_argument("--predictors", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--cpu-batch-wait-ms", type=int, default=2000, help="batch.max_wait_ms of the role processes (batches close on size)")
     p.add_argument("--aggregate-rate", type=float, default=100_000.0, help="aggregate input records/s the learner's feed stands for")
     p.add_argument("--learner-rates", type=float, nargs="+", default=list(RATES))
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True, help="also run the learner with the advised rate")
@@ -802,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
                     if "cpu" in args.sections:
                         payload["cpu"] = []
                         for n_pred in args.predictors:
-                            row = cpu_run(broker, X_stream, base, work, n_pred, args.cpu_records, 4096)
+                            row = cpu_run(broker, X_stream, base, work, n_pred, args.cpu_records, 4096, args.cpu_batch_wait_ms)
                             payload["cpu"].append(row)
                             print(f"[cpu {n_pred} predictor(s)] CPU-s per 1k records {row['cpu_s_per_1k']}; propagation {row['propagation']['every_predictor_s']}", flush=True)
                             write_json(args.out, payload)
