@@ -347,9 +347,10 @@ def cpu_run(broker, X_stream: np.ndarray, base: Path, work: Path, n_pred: int, n
     """One learner and ``n_pred`` predictor processes over a fresh 6-partition topic: CPU-s per 1,000 records per role.
 
     ``wait_ms`` (batch.max_wait_ms of every role) is long enough that batches close on
-    size for every N, as in the backlog one scales out for: one producer here feeds
-    about 15-20k records/s, so with the default 500 ms three predictors' batches would
-    close on time with a third of the records, and per-batch costs would be measured.
+    size for every N, as in the backlog one scales out for: the one producer here feeds
+    the topic slower than N predictors label, so with the default 500 ms the batches of
+    three predictors would close on time with a third of the records each, and the
+    per-batch costs would be measured instead.
     """
     tag = f"cpu{n_pred}"
     in_topic = f"in-{tag}"
