@@ -12,6 +12,8 @@ How the scores are made exact:
   after ``fit``; an item whose class has no matched id counts as not tracked.
 * Cluster count: distinct ids predicted by the final model over BASE + REF + stream.
 * ``n_clusters_model``: ``len(model.cluster_ids_)`` if present, else ``model.n_clusters_``.
+* Drift tracking of a model with ``parent_ids_`` is scored on root ids (``model.roots``);
+  ``tracking_vs_start`` is the last-5 mean over the tracking after batch 0.
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ def run_gradual_drift(
     def track(m: Any, t: int) -> None:
         pos = np.searchsorted(classes, split.y_batches[t])
         pred = np.asarray(m.predict(split.X_batches[t]))
+        if hasattr(m, "parent_ids_"):  # with an id hierarchy, tracking is scored on roots (what a store kept)
+            pred = np.asarray(m.roots(pred))
         tracking.append(float(np.mean(has_home[pos] & (home_ids[pos] == pred))))
 
     stats = _stream(model, ref_ids0, X_ref, split.X_batches, split.y_batches, on_update=track)
@@ -165,6 +169,7 @@ def run_gradual_drift(
         **stats,
         "tracking": float(np.mean(tracking[-TRACKING_LAST:])),
         "tracking_curve": tracking,
+        "tracking_vs_start": float(np.mean(tracking[-TRACKING_LAST:]) / tracking[0]) if tracking[0] > 0 else None,
         "matched_classes": int(has_home.sum()),
         **_scores("ref", y_ref, np.asarray(model.predict(X_ref))),
         "n_classes": int(len(classes)),

@@ -44,9 +44,11 @@ import numpy as np
 
 try:  # imported as part of the namespace package ``bench``
     from .baselines import FrozenKMeans, MBKMeans, OneCentreOracle, RefitKMeans, TwoPrototypeOracle
+    from .coarse import load_coarse
     from .protocol import DRIFT_F, hierarchical_churn, run_class_incremental, run_gradual_drift
 except ImportError:  # bench/ itself is on sys.path (python bench/run_quality.py)
     from baselines import FrozenKMeans, MBKMeans, OneCentreOracle, RefitKMeans, TwoPrototypeOracle
+    from coarse import load_coarse
     from protocol import DRIFT_F, hierarchical_churn, run_class_incremental, run_gradual_drift
 
 # The protocol module put this checkout first on sys.path: values parse as `stream-dec train --param` reads them.
@@ -88,6 +90,8 @@ CI_COLUMNS = [
     ("churn", "churn_final", ".3f"),
     ("churn max", "churn_max", ".3f"),
     ("h churn", "h_churn_final", ".3f"),
+    ("h max", "h_churn_max", ".3f"),
+    ("refined", "h_refined_final", ".3f"),
     ("ACC all", "acc_all", ".3f"),
     ("ACC new", "acc_new", ".3f"),
     ("ACC ref", "acc_ref", ".3f"),
@@ -101,6 +105,7 @@ CI_COLUMNS = [
 GD_COLUMNS = [
     ("tracking", "tracking", ".3f"),
     ("trk/oracle", "tracking_vs_oracle", ".2f"),
+    ("trk/start", "tracking_vs_start", ".2f"),
     ("churn", "churn_final", ".4f"),
     ("churn max", "churn_max", ".4f"),
     ("h churn", "h_churn_final", ".4f"),
@@ -165,7 +170,7 @@ class HierarchyProbe:
     """
 
     def __init__(self, model: Any):
-        self.model, self.curve = model, []
+        self.model, self.curve, self.refined = model, [], []
         self._ref: np.ndarray | None = None
         self._ids0: np.ndarray | None = None
         self._updated = False
@@ -186,13 +191,17 @@ class HierarchyProbe:
         if self._ref is None:
             self._ref, self._ids0 = X, ids
         elif X is self._ref and self._updated:
-            self.curve.append(hierarchical_churn(self._ids0, ids, self.model.parent_ids_)["churn"])
+            h = hierarchical_churn(self._ids0, ids, self.model.parent_ids_)
+            self.curve.append(h["churn"])
+            self.refined.append(h["refined"])
             self._updated = False
         return ids
 
     def results(self) -> dict[str, float]:
-        """``h_churn_final`` and ``h_churn_max`` over the updates (empty before any)."""
-        return {"h_churn_final": self.curve[-1], "h_churn_max": float(max(self.curve))} if self.curve else {}
+        """``h_churn_final``, ``h_churn_max`` and ``h_refined_final`` over the updates (empty before any)."""
+        if not self.curve:
+            return {}
+        return {"h_churn_final": self.curve[-1], "h_churn_max": float(max(self.curve)), "h_refined_final": self.refined[-1]}
 
 
 def limit_threads(n: int) -> None:
@@ -212,9 +221,9 @@ def limit_threads(n: int) -> None:
 
 
 def load_set(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """X as float32 and y of one shared data set."""
-    with np.load(data_dir / f"{name}.npz") as d:
-        return d["X"].astype(np.float32), d["y"].astype(np.int64)
+    """X as float32 and y of one shared data set, or of a coarse subset of it (``SET-cK[sS]``, bench/coarse.py)."""
+    X, y, _ = load_coarse(data_dir, name)
+    return X, y
 
 
 def add_ratios(scenario: str, per_method: dict[str, dict[str, Any]]) -> None:

@@ -44,6 +44,7 @@ class NewCluster:
     support: int  # window items it captured
     parent: int | None = None  # the id it refines (None: a root)
     born: int = 0  # model version of the update that made it
+    gate_ref: float | None = None  # gate against its parent only (refinement); None: the same as ``gate``
 
 
 class ClusterPart(Protocol):
@@ -64,6 +65,8 @@ class Field:
     :meth:`ClusterTable.from_fit` (None when not passed); ``appended(table, new)`` returns
     the one-row value of a cluster appended online. ``host`` columns are numpy arrays
     (ids are published, not computed with); the others are tensors on the model's device.
+    ``restored(state)``, when set, gives the column of a saved state written before the
+    column existed (from that state's other columns); without it such a state is refused.
     """
 
     name: str
@@ -71,6 +74,7 @@ class Field:
     fitted: Callable[[torch.Tensor, Any], Any]
     appended: Callable[["ClusterTable", NewCluster], Any]
     host: bool = False
+    restored: Callable[[dict], Any] | None = None
 
 
 def _given(name: str) -> Callable[[torch.Tensor, Any], Any]:
@@ -104,12 +108,19 @@ FIELDS: tuple[Field, ...] = (
           lambda c, v: torch.ones(c.shape[0], device=c.device), lambda t, n: _row(t, n.gate)),
     Field("gate_cur", "factor inflating the squared distance to the current prototype",
           lambda c, v: torch.ones(c.shape[0], device=c.device), lambda t, n: _row(t, n.gate)),
+    # A child may take its parent's items behind a lower gate than other ids' items
+    # (refinement, stream_dec/online/gates.py); equal to ``gate`` it refines nothing, which
+    # is what a table saved before the column existed did.
+    Field("gate_ref", "factor inflating the squared distance to the memory prototype against its parent only",
+          lambda c, v: torch.ones(c.shape[0], device=c.device),
+          lambda t, n: _row(t, n.gate if n.gate_ref is None else n.gate_ref),
+          restored=lambda state: state["gate"].clone()),
     Field("radius", "squared distance within which a cluster explains an item",
           _given("radius"), lambda t, n: _row(t, n.radius)),
     # A new cluster starts at the mean frequency of the clusters the update started with.
     Field("freq", "running soft frequency (the DEC target's f_j)",
           _given("freq"), lambda t, n: _row(t, float(t.freq[: t.mark].mean()))),
-    # The hierarchy is recorded only: assignment never reads these three columns.
+    # Assignment reads ``parent`` (a child competes with its parent behind ``gate_ref``).
     Field("parent", "id this cluster refines (int64, NO_PARENT for a root)",
           lambda c, v: np.full(c.shape[0], NO_PARENT, dtype=np.int64),
           lambda t, n: np.array([NO_PARENT if n.parent is None else n.parent], dtype=np.int64), host=True),
@@ -177,6 +188,20 @@ class ClusterTable:
         """Every id and the id it refines (None for a root)."""
         return {int(i): (None if p == NO_PARENT else int(p)) for i, p in zip(self.ids, self.parent)}
 
+    def parent_rows(self) -> np.ndarray:
+        """The row of every cluster's parent (int64, -1 for a root)."""
+        rows = np.searchsorted(self.ids, self.parent)  # ids are ascending: rows are only appended
+        return np.where(self.parent == NO_PARENT, -1, rows).astype(np.int64)
+
+    def descends(self) -> np.ndarray:
+        """``[K, K]`` bool: ``[a, b]`` is True when row ``b`` is row ``a`` or one of its descendants."""
+        out = np.eye(len(self), dtype=bool)
+        # A parent's row always comes before its child's, so one pass in row order resolves every chain.
+        for b, p in enumerate(self.parent_rows()):
+            if p >= 0:
+                out[:, b] |= out[:, p]
+        return out
+
     def roots(self, ids: np.ndarray) -> np.ndarray:
         """The root (top ancestor) of every id in ``ids`` (int64 array of live ids)."""
         top = np.arange(self.next_id, dtype=np.int64)
@@ -199,8 +224,9 @@ class ClusterTable:
     @classmethod
     def from_state(cls, state: dict, device: torch.device) -> "ClusterTable":
         """Rebuild from :meth:`state` on ``device``."""
-        missing = [f.name for f in FIELDS if f.name not in state]
+        missing = [f.name for f in FIELDS if f.name not in state and f.restored is None]
         if missing:
             raise ValueError(f"missing cluster columns {missing}")
+        state = {**state, **{f.name: f.restored(state) for f in FIELDS if f.name not in state}}
         cols = {f.name: state[f.name].numpy().copy() if f.host else state[f.name].to(device) for f in FIELDS}
         return cls(cols, next_id=int(state["next_id"]))

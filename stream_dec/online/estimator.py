@@ -18,7 +18,9 @@ How one online update protects what downstream systems already store:
   mostly (more than half) under one id is recorded as that id's child, otherwise it is
   a new root; each birth, and each id that stops or starts being used again, is
   announced in the report's ``lifecycle`` events (:mod:`~stream_dec.online.lifecycle`).
-  The hierarchy is recorded only: ``predict`` returns the finest id and no label depends on it;
+  A child refines its parent: it may take the parent's items behind a lower gate
+  (``refine_share``, ``refine_budget``; a move into a descendant is announced, not churn),
+  other ids' items only within the churn budget; ``predict`` returns the finest id;
 * a **churn guard** measures how many remembered items an update would relabel and
   shrinks the centre step or drops new clusters until it is within budget.
 
@@ -54,7 +56,7 @@ from stream_dec.online.clusters import NO_PARENT, ClusterTable
 from stream_dec.online.confidence import Calibration, fit_margins, sample_rows
 from stream_dec.online.context import UpdateContext
 from stream_dec.online.ewc import OnlineEWC
-from stream_dec.online.guard import churn_guard
+from stream_dec.online.guard import churn_guard, refined_share
 from stream_dec.online.novelty import NoveltyBuffer
 from stream_dec.online.report import DriftReport, UpdatePlan
 from stream_dec.online.reservoir import Reservoir
@@ -133,6 +135,15 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         (relative distance) than the best older cluster.
     new_cluster_churn : share of remembered items a new cluster may take at birth; its
         gate (how much closer it must be) is calibrated on the reservoir to that share.
+    refine_share : largest share of its parent's remembered items a new child may take
+        at birth. A new cluster whose captured items mostly held one id is that id's
+        child, and refines it: against the parent's items its gate is set where the
+        parent's recent items differ most from its remembered ones (a move into a
+        descendant keeps a stored id valid, so it is announced, not churn), against
+        other ids' items it keeps the ``new_cluster_churn`` budget. 0: no refinement.
+    refine_budget : largest share of the remembered items that may sit in a strict
+        descendant of their first id (each such item is an item of the parent's kind
+        that a child took: the cost of refinement on old items).
     max_clusters : hard cap on the cluster count (None: 2 x n_clusters).
     spawn_rule : how new clusters are proposed: "anchored" (k-means over the recent
         window with the old centres fixed) or "outliers" (k-means over the items beyond
@@ -214,6 +225,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         "remember": Options(("founding", "settled")),
         "spawn_refine_iters": Interval(Integral, 0),
         "new_cluster_churn": Interval(Real, 0, 1, closed="left"),
+        "refine_share": _SHARE,
+        "refine_budget": _SHARE,
         "max_churn": _SHARE,
         "max_total_churn": _SHARE,
         "buffer_size": Interval(Integral, 1),
@@ -270,6 +283,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         remember: str = "founding",
         spawn_refine_iters: int = 5,
         new_cluster_churn: float = 0.002,
+        refine_share: float = 1.0,
+        refine_budget: float = 0.02,
         max_churn: float = 0.005,
         max_total_churn: float = 0.005,
         buffer_size: int = 4096,
@@ -309,6 +324,8 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         self.remember = remember
         self.spawn_refine_iters = spawn_refine_iters
         self.new_cluster_churn = new_cluster_churn
+        self.refine_share = refine_share
+        self.refine_budget = refine_budget
         self.max_churn = max_churn
         self.max_total_churn = max_total_churn
         self.buffer_size = buffer_size
@@ -532,6 +549,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         )
         spawned = maybe_spawn(self, u, res_both)
         churn, action, after = churn_guard(self, u, res_both, spawned)
+        refined = refined_share(self.clusters_, u.published, after)
         events = lifecycle.born(self.clusters_, u, after)
         # Statistics draw from the update's generator before the reservoir does.
         self._update_statistics(u)
@@ -539,7 +557,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         events += lifecycle.turnover(self.clusters_, u, window_before, lifecycle.Window.of(self.buffer_), after, self._res_ids)
         self.version_ = u.version
         self.n_seen_ += int(z.shape[0])
-        return self._report(u, churn, action, events)
+        return self._report(u, churn, action, events, refined)
 
     def _rule(self):
         """The centre rule object for ``centre_rule`` (a fresh one if the parameter changed),
@@ -616,7 +634,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             after[slots] = gates.assign(t, res[slots])
         return after
 
-    def _report(self, u: UpdateContext, churn: float, action: str, events: list[dict]) -> DriftReport:
+    def _report(self, u: UpdateContext, churn: float, action: str, events: list[dict], refined: float = 0.0) -> DriftReport:
         t, k_old, plan = self.clusters_, u.k_old, u.plan()
         shift = float((t.centres[:k_old] - u.old_centres).norm(dim=1).mean() / torch.sqrt(t.radius[:k_old]).mean())
         return DriftReport(
@@ -634,6 +652,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             guard_action=action,
             plan=plan.to_dict(),
             lifecycle=events,
+            refined=refined,
         )
 
     def _label_only(self, z: torch.Tensor, t0: float) -> DriftReport:

@@ -4,7 +4,12 @@ Every id has two prototypes (``clusters.centres``: current, ``clusters.memory``:
 it was born). The gated distance of an item to an id is the smaller of its squared
 distances to the two, each inflated by a gate: ``gate`` for a spawned cluster's birth
 prototype, ``gate_cur`` for every current (moving) prototype; an original memory
-prototype has gate 1. An item goes to the id with the smallest gated distance.
+prototype has gate 1. An item goes to the id with the smallest gated distance, then
+descends the id hierarchy: a child (``parent`` column) takes an item its parent holds
+when its distance, with its birth prototype behind the lower ``gate_ref``, beats the
+parent's. Children are tried in row (birth) order, so a younger child never takes an
+older sibling's items. Moving an item to a descendant of its id is a refinement (its
+stored id still holds); a child takes other ids' items only behind ``gate``.
 
 Gates are calibrated on the reservoir (the items the model remembers labelling):
 :func:`calibrate_moving_gates` after the centres move, :func:`new_cluster_gate` for a
@@ -31,8 +36,28 @@ def distances(t: ClusterTable, z: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def gated(t: ClusterTable, cur: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
-    """Gated ``[n, K]`` distance per id from squared distances to current and memory prototypes."""
-    return torch.minimum(cur * t.gate_cur[None, :], mem * t.gate[None, :])
+    """Gated ``[n, K]`` distance per id from squared distances to current and memory prototypes.
+
+    Where an item descends from a parent into a child, the child's entry is its
+    refinement distance, so ``argmin`` gives the descended row and ``min`` the distance
+    the item is held at.
+    """
+    d = torch.minimum(cur * t.gate_cur[None, :], mem * t.gate[None, :])
+    refining = torch.nonzero(t.gate_ref < t.gate).flatten().tolist()
+    if not refining or d.shape[0] == 0:
+        return d
+    prow = t.parent_rows()
+    held, win = d.min(1)
+    for c in refining:
+        p = int(prow[c])
+        if p < 0:
+            continue
+        r = torch.minimum(cur[:, c] * t.gate_cur[c], mem[:, c] * t.gate_ref[c])
+        down = (win == p) & (r < held)
+        win = torch.where(down, c, win)
+        held = torch.where(down, r, held)
+        d[:, c] = torch.where(down, r, d[:, c])
+    return d
 
 
 @torch.no_grad()
@@ -112,12 +137,20 @@ def calibrate_moving_gates(t: ClusterTable, res: torch.Tensor, assigned: torch.T
 @torch.no_grad()
 def held_distance(t: ClusterTable, res: torch.Tensor, both: torch.Tensor | None) -> torch.Tensor | None:
     """Gated squared distance of each reservoir item to the id it goes to now (None: empty reservoir)."""
+    held = held_by(t, res, both)
+    return None if held is None else held[0]
+
+
+@torch.no_grad()
+def held_by(t: ClusterTable, res: torch.Tensor, both: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(distance, row)``: the gated squared distance of each item of ``res`` to the row holding it, and that row."""
     if len(res) == 0:
         return None
     k = t.centres.shape[0]
     if both is None:
         both = squared_distances(res, torch.cat([t.centres, t.memory]))
-    return gated(t, both[:, :k], both[:, k:]).min(1).values
+    held = gated(t, both[:, :k], both[:, k:]).min(1)
+    return held.values, held.indices
 
 
 @torch.no_grad()
@@ -133,3 +166,32 @@ def new_cluster_gate(c: torch.Tensor, res: torch.Tensor, d_res_old: torch.Tensor
         ratio = d_res_old / squared_distances(res, c[None, :]).squeeze(1).clamp_min(1e-12)
         gate = max(gate, float(torch.quantile(ratio, 1.0 - churn)))
     return gate
+
+
+@torch.no_grad()
+def refine_gate(r_win: torch.Tensor, r_own: torch.Tensor, cap: float) -> float:
+    """Gate at which a child takes its parent's items: the best split of new from founding items.
+
+    ``r_win`` and ``r_own`` are, for the parent's items in the recent window and among
+    the remembered ones, the ratio of the distance the parent holds each at to the
+    squared distance to the child; at gate ``g`` the child takes those with ratio > g.
+    The gate maximises (share of window items taken) − (share of remembered items
+    taken): the window holds the parent's old kind of items in their old proportions
+    plus the new group, so the difference counts only the new group, and its best
+    threshold needs no constant. At most a ``cap`` share of the remembered items may go.
+    Returns ``inf`` (take nothing) when no gate takes more window than remembered share.
+
+    >>> refine_gate(torch.tensor([3.0, 2.5, 2.0, 0.5]), torch.tensor([0.4, 0.6, 1.5, 0.8]), cap=1.0)
+    1.5
+    >>> refine_gate(torch.tensor([0.2, 0.3]), torch.tensor([0.4, 0.6]), cap=1.0)
+    inf
+    """
+    if r_win.numel() == 0 or r_own.numel() == 0:
+        return float("inf")
+    win, own = torch.sort(r_win).values, torch.sort(r_own).values
+    cand = torch.sort(torch.cat([win, own])).values  # the gates where what is taken changes
+    taken_win = (r_win.numel() - torch.searchsorted(win, cand, right=True)) / r_win.numel()
+    taken_own = (r_own.numel() - torch.searchsorted(own, cand, right=True)) / r_own.numel()
+    score = torch.where(taken_own <= cap, taken_win - taken_own, torch.full_like(taken_win, -1.0))
+    best = int(score.argmax())
+    return float(cand[best]) if float(score[best]) > 0 else float("inf")

@@ -1,8 +1,14 @@
 """The churn guard: an update may relabel only a bounded share of the remembered items.
 
-It bounds both this update's relabelling of the reservoir (``max_churn``) and the share
-of the reservoir whose id differs from the id it was first given (``max_total_churn``;
-an update may not push that share past the budget, which only binds once reached).
+Churn is hierarchical (docs/quality-protocol.md): an item whose id moves to a
+descendant of its id (a child refining its parent) keeps its stored id valid, so that
+move is a refinement, counted apart; any other change of id is churn.
+
+It bounds this update's relabelling of the reservoir (``max_churn``), the share of the
+reservoir whose id is neither the id it was first given nor a descendant of it
+(``max_total_churn``), and the share held by a strict descendant of its first id
+(``refine_budget``); an update may not push a total share past its budget, which only
+binds once reached.
 Over budget, it undoes the centre step first (halving it until it fits or is
 negligible: the step can be retried next batch), then drops the new cluster that
 relabels most remembered items, until the update fits or nothing is left to undo.
@@ -36,24 +42,23 @@ def churn_guard(est: "StreamDEC", u: UpdateContext, res_both: torch.Tensor | Non
     reservoir's assignment after the update)``.
     """
     t, res, before, published = est.clusters_, u.res, u.before, u.published
-    ids_t = torch.from_numpy(t.ids).to(res.device)
-    total_before = float((ids_t[before] != published).float().mean()) if len(res) else 0.0
-    allowed_total = max(total_before, est.max_total_churn)
+    allowed_total = max(_churn(t, res, before, before, published)[1], est.max_total_churn)
+    allowed_refined = max(refined_share(t, published, before), est.refine_budget)
     action = "none"
     if u.replay is not None and u.replay.guard_cut:
         return _roll_back(est, u, spawned)
     after = gates.assign_reusing(t, res, res_both, u.k_old) if res_both is not None or spawned else before
     while True:
         churn, total = _churn(t, res, before, after, published)
-        if churn <= est.max_churn and total <= allowed_total:
+        if churn <= est.max_churn and total <= allowed_total and refined_share(t, published, after) <= allowed_refined:
             break
         if u.out_of_time():
             return _roll_back(est, u, spawned)
         step = _undo_centre_step(t, u, est.latent_scale_)
         if step is not None:
             action = step
-        elif spawned and bool((after >= u.k_old).any()):
-            _drop_worst_new(t, u, after, spawned)
+        elif spawned and bool((before != after)[after >= u.k_old].any()):
+            _drop_worst_new(t, u, before, after, spawned)
             action = "dropped_new"
         else:
             break
@@ -61,12 +66,31 @@ def churn_guard(est: "StreamDEC", u: UpdateContext, res_both: torch.Tensor | Non
     return churn, action, after
 
 
+def churned(t, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Which items moved from row ``before`` to a row that is not ``before`` or a descendant of it."""
+    desc = torch.from_numpy(t.descends()).to(after.device)
+    return ~desc[before, after]
+
+
+def published_rows(t, published: torch.Tensor) -> torch.Tensor:
+    """Rows of the ids in ``published`` (every remembered item's first id is a live id)."""
+    ids = torch.from_numpy(t.ids).to(published.device)
+    return torch.searchsorted(ids, published)
+
+
 def _churn(t, res: torch.Tensor, before: torch.Tensor, after: torch.Tensor, published: torch.Tensor) -> tuple[float, float]:
-    """``(share relabelled by this update, share whose id differs from the first one)``."""
+    """``(share churned by this update, share whose id is neither its first id nor a descendant of it)``."""
     if not len(res):
         return 0.0, 0.0
-    ids_t = torch.from_numpy(t.ids).to(res.device)
-    return float((before != after).float().mean()), float((ids_t[after] != published).float().mean())
+    return float(churned(t, before, after).float().mean()), float(churned(t, published_rows(t, published), after).float().mean())
+
+
+def refined_share(t, published: torch.Tensor, after: torch.Tensor) -> float:
+    """Share of the remembered items held by a strict descendant of their first id."""
+    if not len(after):
+        return 0.0
+    first = published_rows(t, published)
+    return float(((first != after) & ~churned(t, first, after)).float().mean())
 
 
 def _undo_centre_step(t, u: UpdateContext, latent_scale: float) -> str | None:
@@ -81,9 +105,9 @@ def _undo_centre_step(t, u: UpdateContext, latent_scale: float) -> str | None:
     return "shrunk"
 
 
-def _drop_worst_new(t, u: UpdateContext, after: torch.Tensor, spawned: list[np.ndarray]) -> None:
-    """Drop the new cluster that takes most remembered items."""
-    new_taken = after >= u.k_old
+def _drop_worst_new(t, u: UpdateContext, before: torch.Tensor, after: torch.Tensor, spawned: list[np.ndarray]) -> None:
+    """Drop the new cluster that takes most remembered items (churned or refined)."""
+    new_taken = (after >= u.k_old) & (before != after)
     worst = int(torch.bincount(after[new_taken] - u.k_old, minlength=len(spawned)).argmax())
     t.drop(u.k_old + worst)
     spawned.pop(worst)

@@ -65,7 +65,7 @@ class DriftReport:
     n_items: int
     steps: int
     update_ms: float
-    churn: float  # share of the model's reservoir relabelled by this update
+    churn: float  # share of the model's reservoir this update moved to an id other than a descendant of its id
     centre_shift: float  # mean distance moved by the centres, in units of the mean cluster radius
     novelty_rate: float  # share of the batch no existing cluster explains
     new_cluster_ids: list[int] = field(default_factory=list)
@@ -78,6 +78,9 @@ class DriftReport:
     # model_version and its evidence: support, source_share, window, gate, cohesion,
     # founding_taken); the service publishes each as a lifecycle record.
     lifecycle: list[dict] = field(default_factory=list)
+    # Share of the reservoir held, after the update, by a strict descendant of the id it was
+    # first given (announced refinement; not churn).
+    refined: float = 0.0
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
