@@ -435,8 +435,8 @@ def encode_assignments(
 
 
 _DRIFT_REQUIRED = ("model_version", "n_items", "update_ms", "churn", "centre_shift", "novelty_rate", "new_cluster_ids", "n_clusters")
-_DRIFT_OPTIONAL = ("steps", "buffer_size", "budget_exhausted", "guard_action", "plan")
-_DRIFT_FLOATS = ("update_ms", "churn", "centre_shift", "novelty_rate")
+_DRIFT_OPTIONAL = ("steps", "buffer_size", "budget_exhausted", "guard_action", "plan", "refined")
+_DRIFT_FLOATS = ("update_ms", "churn", "centre_shift", "novelty_rate", "refined")
 
 
 def encode_drift(report: Any, *, topic: str, offset_ranges: Mapping[int, tuple[int, int]], **extra: Any) -> bytes:

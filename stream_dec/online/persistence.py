@@ -9,7 +9,8 @@ Format 3 (the one written)::
     scalars           seed_, n_features_in_, scale_, version_, cohesion_, separation_,
                       latent_scale_, min_support_, max_clusters_, n_seen_
     clusters          the cluster table (stream_dec/online/clusters.py): next_id and one
-                      tensor per column: ids, centres, memory, spawned, gate, gate_cur, radius, freq,
+                      tensor per column: ids, centres, memory, spawned, gate, gate_cur, gate_ref
+                      (a child's gate against its parent; restored as gate when absent), radius, freq,
                       parent (the id each refines, -1 for a root), born (model version of its
                       birth), support (items it was founded on; -1 where unknown)
     ewc               likelihood, fisher, anchor (stream_dec/online/ewc.py); older files held
@@ -84,6 +85,10 @@ def model_from_state(cls: type["StreamDEC"], state: dict, device: str | None, so
     state = migrate(state, source)
     params = dict(state["params"])
     params["hidden_dims"] = tuple(params["hidden_dims"])
+    # A model saved before children could refine their parent continues as it was saved:
+    # with no refinement (its ids keep the flat churn promise it was run under).
+    params.setdefault("refine_share", 0.0)
+    params.setdefault("refine_budget", 0.0)
     if device is not None:
         params["device"] = device
     m = cls(**params)

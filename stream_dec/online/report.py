@@ -74,9 +74,9 @@ class DriftReport:
     budget_exhausted: bool = False  # the clock cut part of the update (see plan)
     guard_action: str = "none"  # "none", "shrunk", "rolled_back", "dropped_new"
     plan: dict = field(default_factory=lambda: UpdatePlan().to_dict())  # UpdatePlan.to_dict(): replay with partial_fit(X, plan=...)
-    # One dict per event in an id's life this update made: today "born" (cluster, parent, root,
-    # model_version and its evidence: support, source_share, window, gate, cohesion,
-    # founding_taken); the service publishes each as a lifecycle record.
+    # One dict per event in an id's life this update made: born, retired, revived
+    # (stream_dec/online/lifecycle.py, with their evidence); the service publishes each
+    # as a lifecycle record.
     lifecycle: list[dict] = field(default_factory=list)
     # Share of the reservoir held, after the update, by a strict descendant of the id it was
     # first given (announced refinement; not churn).
