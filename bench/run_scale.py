@@ -282,11 +282,11 @@ def make_predictor(settings, n_expected: int, clock: PhaseClock):
     return service
 
 
-def predictor_cell(broker, in_topic: str, model_topic: str, batch: int, rate: float, n: int, tag: str) -> dict[str, Any]:
+def predictor_cell(broker, in_topic: str, model_topic: str, batch: int, rate: float, n: int, tag: str, threads: int | None = None) -> dict[str, Any]:
     """One predictor run over ``n`` pre-produced records: throughput, CPU per record, feed items sent."""
     broker.create_topics([f"out-{tag}", f"dlq-{tag}", f"feed-{tag}"])
     settings = role_settings(broker.bootstrap_servers, "predictor", f"g-{tag}", in_topic, tag, model_topic, f"feed-{tag}",
-                             batch__max_size=batch, scale__sample_rate=rate)
+                             batch__max_size=batch, scale__sample_rate=rate, model__threads=threads or 0)
     clock = PhaseClock()
     service = make_predictor(settings, n, clock)
     restore_kafka_logger()
@@ -305,7 +305,12 @@ def predictor_cell(broker, in_topic: str, model_topic: str, batch: int, rate: fl
 
 
 def predictor_section(broker, X_stream: np.ndarray, base: Path, work: Path, args) -> list[dict[str, Any]]:
-    """Paired (bare, predictor) runs per batch size and sample rate; median ratio of each cell."""
+    """Paired (bare, predictor) runs per batch size and sample rate; median ratio of each cell.
+
+    The predictor runs with ``--predictor-threads`` torch threads (``model.threads``;
+    set on torch here too, for a predictor that does not apply the setting itself),
+    plus one cell at torch's default (one per core) when ``--default-threads-row``.
+    """
     n = args.records
     in_topic = "in-pred"
     broker.create_topics([in_topic])
@@ -316,30 +321,46 @@ def predictor_section(broker, X_stream: np.ndarray, base: Path, work: Path, args
                                                   checkpoint__dir=str(fresh_ckpt(base, work, "s1"))))
     learner.stop()
     thread.join(timeout=60)
+    cells = [(b, r, args.predictor_threads) for b in args.batches for r in args.sample_rates]
+    if args.default_threads_row:
+        cells.append((args.batches[0], args.sample_rates[0], None))
     meter = CpuMeter(broker.pid)
     rows = []
-    for batch in args.batches:
-        for rate in args.sample_rates:
-            bares, preds, pairs, cpu = [], [], [], []
-            for rep in range(args.repeats):
-                tag = f"p{batch}-{rate:g}-{rep}"
-                broker.create_topics([f"out-bare-{tag}"])
-                a = meter.snapshot()
-                b = bare_loop(broker.bootstrap_servers, in_topic, f"out-bare-{tag}", "float32", X_stream.shape[1], batch, n)
-                p = predictor_cell(broker, in_topic, "model-s1", batch, rate, n, tag)
-                cpu.append(meter.foreign_cores(a, meter.snapshot()))
-                bares.append(b), preds.append(p), pairs.append(p["records_per_s"] / b["records_per_s"])
-            row = {
-                "batch": batch, "sample_rate": rate, "records": n, "ratio": float(np.median(pairs)), "pair_ratios": pairs,
-                "bare": max(bares, key=lambda r: r["records_per_s"]), "predictor": max(preds, key=lambda r: r["records_per_s"]),
-                "cpu_ratio": float(np.median([r["cpu_us_per_record"] for r in bares]) / np.median([r["cpu_us_per_record"] for r in preds])),
-                "all_bare_records_per_s": [r["records_per_s"] for r in bares], "all_predictor_records_per_s": [r["records_per_s"] for r in preds],
-                "cpu_cores": cpu, "loadavg": loadavg(),
-            }
-            rows.append(row)
-            print(f"[predictor batch {batch} rate {rate:g}] bare {row['bare']['records_per_s']:,.0f}/s predictor "
-                  f"{row['predictor']['records_per_s']:,.0f}/s ratio {row['ratio']:.2f} (pairs {', '.join(f'{x:.2f}' for x in pairs)})", flush=True)
+    for batch, rate, threads in cells:
+        row = predictor_pairs(broker, meter, in_topic, X_stream.shape[1], batch, rate, threads, n, args.repeats)
+        rows.append(row)
+        print(f"[predictor batch {batch} rate {rate:g} threads {row['torch_threads']}] bare {row['bare']['records_per_s']:,.0f}/s predictor "
+              f"{row['predictor']['records_per_s']:,.0f}/s ratio {row['ratio']:.2f} (pairs {', '.join(f'{x:.2f}' for x in row['pair_ratios'])})", flush=True)
     return rows
+
+
+def predictor_pairs(broker, meter: CpuMeter, in_topic: str, dim: int, batch: int, rate: float, threads: int | None, n: int,
+                    repeats: int) -> dict[str, Any]:
+    """``repeats`` alternating (bare, predictor) runs of one cell; best throughputs, median paired ratio, CPU gauge."""
+    import torch
+
+    default = torch.get_num_threads()
+    bares, preds, pairs, cpu = [], [], [], []
+    for rep in range(repeats):
+        tag = f"p{batch}-{rate:g}-{threads or 0}-{rep}"
+        broker.create_topics([f"out-bare-{tag}"])
+        a = meter.snapshot()
+        b = bare_loop(broker.bootstrap_servers, in_topic, f"out-bare-{tag}", "float32", dim, batch, n)
+        torch.set_num_threads(threads or default)
+        try:
+            p = predictor_cell(broker, in_topic, "model-s1", batch, rate, n, tag, threads)
+        finally:
+            torch.set_num_threads(default)
+        cpu.append(meter.foreign_cores(a, meter.snapshot()))
+        bares.append(b), preds.append(p), pairs.append(p["records_per_s"] / b["records_per_s"])
+    return {
+        "batch": batch, "sample_rate": rate, "torch_threads": threads or default, "records": n,
+        "ratio": float(np.median(pairs)), "pair_ratios": pairs,
+        "bare": max(bares, key=lambda r: r["records_per_s"]), "predictor": max(preds, key=lambda r: r["records_per_s"]),
+        "cpu_ratio": float(np.median([r["cpu_us_per_record"] for r in bares]) / np.median([r["cpu_us_per_record"] for r in preds])),
+        "all_bare_records_per_s": [r["records_per_s"] for r in bares], "all_predictor_records_per_s": [r["records_per_s"] for r in preds],
+        "cpu_cores": cpu, "loadavg": loadavg(),
+    }
 
 
 # ----------------------------------------------------------------------------- 2+3. CPU per role, propagation
@@ -699,14 +720,14 @@ def report(payload: dict[str, Any]) -> str:
            f"command: {meta['command']}", f"load average start {meta['loadavg_start']} end {meta.get('loadavg_end')}; wall {meta.get('wall_seconds', 0):.0f} s"]
     if payload.get("predictor"):
         out.append("\n-- 1. predictor vs bare kafka-python loop (384-d float32, one partition; target ratio >= 0.95) --")
-        out.append(f"{'batch':>5} {'rate':>4} {'bare rec/s':>10} {'pred rec/s':>10} {'ratio':>5} {'pairs':>16} {'cpu us b/p':>10} {'cpu r':>5} {'feed sent':>9} {'oth':>4}")
+        out.append(f"{'batch':>5} {'rate':>4} {'thr':>3} {'bare rec/s':>10} {'pred rec/s':>10} {'ratio':>5} {'pairs':>16} {'cpu us b/p':>10} {'cpu r':>5} {'feed sent':>9} {'oth':>4}")
         for r in payload["predictor"]:
             b, p = r["bare"], r["predictor"]
-            out.append(f"{r['batch']:>5} {r['sample_rate']:>4g} {b['records_per_s']:>10,.0f} {p['records_per_s']:>10,.0f} {r['ratio']:>5.2f} "
+            out.append(f"{r['batch']:>5} {r['sample_rate']:>4g} {r['torch_threads']:>3} {b['records_per_s']:>10,.0f} {p['records_per_s']:>10,.0f} {r['ratio']:>5.2f} "
                        f"{'/'.join(f'{x:.2f}' for x in r['pair_ratios']):>16} {b['cpu_us_per_record']:>4.0f}/{p['cpu_us_per_record']:<5.0f} "
                        f"{r['cpu_ratio']:>5.2f} {p['feed_sent']:>9,} {np.mean([c['others'] for c in r['cpu_cores']]):>4.1f}")
         out.append("rec/s = best of the repeats; ratio = median of the paired runs' ratios; cpu us b/p = CPU us per record of the bench process "
-                   "(bare / predictor, all threads); cpu r = their ratio; feed sent = latents the predictor sent the learner; oth = cores used by other processes")
+                   "(bare / predictor, all threads); thr = the predictor's torch threads; cpu r = their ratio; feed sent = latents the predictor sent the learner; oth = cores used by other processes")
     if payload.get("cpu"):
         out.append("\n-- 2. CPU-seconds per 1,000 records per role (processes, one thread each, 6 input partitions; target: predictors flat 1 -> 3) --")
         out.append(f"{'predictors':>10} {'records':>7} {'predictors':>10} {'less idle':>9} {'learner':>7} {'broker':>6} {'aggregate':>9} {'wall s':>6} {'pred rec/s/core':>15} {'mean batch':>10}")
@@ -751,6 +772,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[4096, 1024])
     p.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.1], help="sample rates of the predictor runs")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--predictor-threads", type=int, default=1, help="torch threads of the in-process predictor (model.threads)")
+    p.add_argument("--default-threads-row", action=argparse.BooleanOptionalAction, default=True,
+                   help="also one predictor cell at torch's default threads (one per core)")
     p.add_argument("--cpu-records", type=int, default=36_864, help="records of each 1/2/3-predictor run")
     p.add_argument("--predictors", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--cpu-batch-wait-ms", type=int, default=2000, help="batch.max_wait_ms of the role processes (batches close on size)")
