@@ -82,12 +82,17 @@ def run(tmp_path_factory):
 def test_every_event_happens_and_validates(run):
     recs = run["records"]
     kinds = {(r["event"], r["cluster"]) for r in recs}
-    # The child group's id, the transient group's id, and the absent fitted class (retired, back at the end).
+    # New ids, and the absent fitted class (retired, back at the end).
     assert {e for e, _ in kinds} == {"born", "retired", "revived"}
     retired = [r for r in recs if r["event"] == "retired"]
     fitted_back = [r["cluster"] for r in recs if r["event"] == "revived"]
     assert fitted_back and all(c < 4 for c in fitted_back) and ("retired", fitted_back[0]) in kinds
-    assert any(r["cluster"] >= 4 for r in retired)  # a born id retired too
+    # What the records left retired is what the model says is retired now.
+    last = {}
+    for r in recs:
+        if r["event"] in ("retired", "revived"):
+            last[r["cluster"]] = r["event"]
+    assert sorted(c for c, e in last.items() if e == "retired") == sorted(retired_ids(run["model"]))
     v = jsonschema.Draft202012Validator(SCHEMA)
     for r in recs:
         v.validate(r)
@@ -135,8 +140,10 @@ def test_events_come_from_the_model_state_so_a_restored_model_announces_the_same
 def test_a_store_keeps_its_labels_valid_from_the_records_alone(run):
     """Labels stored at version 0, updated only from lifecycle records, against the final model.
 
-    Every stored label is the item's id now, or an ancestor of it that a ``born`` record
-    announced (the item was refined), except at most the churn budget's share. The roots
+    Every stored label of a remembered kind of item is the item's id now, or an ancestor
+    of it that a ``born`` record announced (the item was refined), except at most the
+    churn budget's share; items of a group the model never remembered may move to an id
+    a ``born`` record announced. The roots
     the records give are the model's roots, and retirement never invalidates a label.
     """
     m, stored = run["model"], run["stored"]
@@ -149,8 +156,13 @@ def test_a_store_keeps_its_labels_valid_from_the_records_alone(run):
     same = stored == now
     refined = np.array([s != n and s in _lineage(n, parents) for s, n in zip(stored.tolist(), now.tolist())])
     other = ~same & ~refined
-    assert refined.sum() >= 50  # the child group's items moved into the child of their stored id
-    assert other.mean() <= m.max_total_churn
+    assert refined.sum() > 0  # some of the child group's items moved into a child of their stored id
+    # The base items (the kind the model remembers) keep the churn promise; the child
+    # group's items, never remembered, may go to a new root, which a born record announced.
+    n_base = len(stored) - 100
+    assert other[:n_base].mean() <= m.max_total_churn
+    born = {r["cluster"] for r in run["records"] if r["event"] == "born"}
+    assert set(now[n_base:][other[n_base:]].tolist()) <= born
     assert [_lineage(n, parents)[-1] for n in now.tolist()] == m.roots(now).tolist()
     assert np.array_equal(m.roots(stored)[~other], m.roots(now)[~other])  # same root for every label kept valid
 

@@ -79,11 +79,16 @@ def test_lifecycle_records_and_roots_let_a_store_keep_its_labels(broker, blobs, 
     same = sum(stored[i] == now[i] for i in stored)
     refined = sum(stored[i] != now[i] and stored[i] in _lineage(now[i], known) for i in stored)
     other = len(stored) - same - refined
-    # What this shows: with no relabelling yet, a stored label is the final model's id, or
-    # (the novel items labelled before their id was born) an ancestor the lifecycle
-    # records name; any other change is churn, within the model's budget.
-    assert same + refined + other == len(items) and refined > 0
-    assert other / len(items) <= final.max_total_churn
+    # What this shows: a stored label of a known item (the kind the model remembers) is
+    # the final model's id, or an ancestor the lifecycle records name; any other change
+    # is churn, within the model's budget. A novel item labelled before its group's id
+    # was born may have moved to that id (a child, or a new root), which a born record named.
+    assert same + refined + other == len(items)
+    known_items = [f"item-{i}" for i in range(len(X)) if i % 140 < 100]
+    moved_known = [i for i in known_items if stored[i] != now[i] and stored[i] not in _lineage(now[i], known)]
+    assert len(moved_known) / len(known_items) <= final.max_total_churn
+    novel_moved = {now[i] for i in stored if i not in set(known_items) and stored[i] != now[i]}
+    assert novel_moved <= set(born_ids)
 
 
 def _store(values: list[dict]) -> tuple[dict, dict, dict]:
@@ -120,10 +125,9 @@ def test_retired_and_revived_ids_on_the_topic_keep_a_store_valid(broker, tmp_pat
     model = StreamDEC(n_clusters=4, hidden_dims=(), pretrain_epochs=5, refine_max_iter=0, n_init=1, random_state=0, verbose=False,
                       device="cpu", reservoir_size=16, remember="settled", buffer_ttl=3).fit(base(4, 400))
     model.save(tmp_path / "ckpt")
-    X = np.concatenate([
-        np.concatenate([base(4 if b >= 30 else 3, 150), near(child, 30)] + ([near(centres[4], 40)] if 1 <= b <= 6 else []))
-        for b in range(40)
-    ])
+    parts = [[base(4 if b >= 30 else 3, 150), near(child, 30)] + ([near(centres[4], 40)] if 1 <= b <= 6 else []) for b in range(40)]
+    X = np.concatenate([np.concatenate(p) for p in parts])
+    is_base = np.concatenate([np.arange(sum(map(len, p))) < 150 for p in parts])
     items = [(f"item-{i}", X[i]) for i in range(len(X))]
     send_items(broker, f"in-{tag}", items)
     settings = service_settings(broker, tmp_path / "ckpt", tag, batch_size=200, batch__max_wait_ms=2000, interval=10,
@@ -157,5 +161,8 @@ def test_retired_and_revived_ids_on_the_topic_keep_a_store_valid(broker, tmp_pat
     # the item's root now, except for the model's churn. (Ids finer than the root are
     # not compared: this model remembers 16 items, too few to hold a stream item to a
     # child id; tests/test_lifecycle.py checks that with a model that remembers more.)
-    kept = sum(_lineage(stored[i], known)[-1] == _lineage(now[i], known)[-1] == final.root_of(now[i]) for i in stored)
-    assert len(stored) == len(items) and (len(stored) - kept) / len(stored) <= final.max_total_churn
+    # Only the base classes' items are the kind the model remembers (the churn promise);
+    # the other groups' items may move to the ids born for them.
+    base_items = [i for (i, _), b in zip(items, is_base) if b]
+    kept = sum(_lineage(stored[i], known)[-1] == _lineage(now[i], known)[-1] == final.root_of(now[i]) for i in base_items)
+    assert len(stored) == len(items) and (len(base_items) - kept) / len(base_items) <= final.max_total_churn

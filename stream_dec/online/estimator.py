@@ -567,7 +567,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             self.rule_ = make_rule(self.centre_rule, len(t), t.centres.shape[1], t.device)
             t.parts = [self.ewc_, self.rule_]
         if self.ewc_.likelihood != self.rule_.likelihood:
-            res = torch.from_numpy(self.reservoir_.data).to(t.device)
+            res = self.reservoir_.tensors(t.device)[0]
             self.ewc_.use(self.rule_.likelihood, res, gates.assign(t, res), self.alpha)
         return self.rule_
 
@@ -576,14 +576,14 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         t, dev = self.clusters_, z.device
         t.begin_update()
         nearest, explained = gates.explain(t, z)
-        res = torch.from_numpy(self.reservoir_.data).to(dev)
+        res = self.reservoir_.tensors(dev)[0]
         version = self.version_ + 1
         return UpdateContext(
             version=version, rng=np.random.default_rng([self.seed_, version]), t0=t0,
             deadline=t0 + self.max_update_ms / 1000.0, replay=replay,
             step_budget=replay.steps if replay is not None else int(self.online_steps),
             z=z, z_in=z[explained], nearest=nearest, explained=explained,
-            res=res, published=torch.from_numpy(self.reservoir_.ids).to(dev), before=self._reservoir_assignment(res),
+            res=res, published=self.reservoir_.tensors(dev)[1], before=self._reservoir_assignment(res),
             k_old=len(t), old_centres=t.centres.clone(), old_gate_cur=t.gate_cur.clone(),
         )
 
@@ -629,7 +629,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
             buf.remove(np.concatenate(spawned))
         if len(settled_z):
             slots = torch.from_numpy(self.reservoir_.add(settled_z, settled_ids, u.rng)).to(u.z.device)
-            res = torch.from_numpy(self.reservoir_.data).to(u.z.device)
+            res = self.reservoir_.tensors(u.z.device)[0]
             after = torch.cat([after, after.new_zeros(len(res) - len(after))])
             after[slots] = gates.assign(t, res[slots])
         return after

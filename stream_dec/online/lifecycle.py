@@ -114,7 +114,7 @@ def retired_ids(est: StreamDEC) -> list[int]:
     before it was restored, without a record).
     """
     t = est.clusters_
-    res = torch.from_numpy(est.reservoir_.data).to(t.device)
+    res = est.reservoir_.tensors(t.device)[0]
     held = np.bincount(gates.assign(t, res).cpu().numpy(), minlength=len(t))[: len(t)]
     return [int(i) for i in t.ids[~_live(t, len(t), held, Window.of(est.buffer_), int(est.version_))]]
 
