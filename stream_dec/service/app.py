@@ -132,7 +132,7 @@ class StreamService:
 
     def __init__(self, settings: Settings, model: Any | None = None, hooks: ServiceHooks | None = None):
         self.settings = settings
-        _use_torch_threads(settings.model.threads)
+        use_torch_threads(settings.model.threads)
         ckpt_dir = Path(settings.checkpoint.dir)
         self.metrics = ServiceMetrics()
         self.metrics.set_role(self.role)
@@ -573,7 +573,7 @@ class _Stopwatch:
         self._last = now
 
 
-def _use_torch_threads(threads: int | None) -> None:
+def use_torch_threads(threads: int | None) -> None:
     """``threads`` torch threads, or one per CPU this process may run on."""
     import torch
 

@@ -46,6 +46,7 @@ from stream_dec.io.feed import encode_latents, sample_mask
 from stream_dec.io.modeltopic import ModelFollower, Published
 from stream_dec.io.partitioner import default_partitions
 from stream_dec.online.snapshot import PredictSnapshot, SnapshotError
+from stream_dec.service.app import use_torch_threads
 from stream_dec.service.batcher import Batch, Batcher
 from stream_dec.service.clients import (
     broker_connected,
@@ -70,8 +71,10 @@ from stream_dec.settings import Settings
 
 log = logging.getLogger("stream_dec.service")
 
-#: Longest single poll: the loop checks for stop, idleness and new versions at least this often.
+#: Longest single poll: the loop checks for stop and idleness at least this often.
 MAX_POLL_MS = 200
+#: While no batch is ready, the model topic is looked at this often (its metrics stay current).
+FOLLOW_IDLE_S = 1.0
 #: Header naming the sample rate the learner advises (io/modeltopic.py passes ``x-`` headers as meta).
 RATE_META = "sample-rate"
 
@@ -100,6 +103,7 @@ class PredictorService:
 
     def __init__(self, settings: Settings, hooks: ServiceHooks | None = None):
         self.settings = settings
+        use_torch_threads(settings.model.threads)
         self.metrics = ServiceMetrics()
         self.metrics.set_role("predictor")
         self.progress = Progress(settings.progress.every_batches, settings.progress.every_s)
@@ -119,6 +123,7 @@ class PredictorService:
         self._refresh = threading.Event()  # an assignment happened: read the model topic to its end first
         self._last_activity = 0.0
         self._rejected = 0  # snapshots the follower rejected so far (counted into the metrics)
+        self._looked = 0.0  # monotonic time the model topic was last looked at
         self.outage = Outage(settings, self.metrics, self._stop)
         self.positions = InputPositions(settings, self.metrics, self.outage)
 
@@ -138,9 +143,14 @@ class PredictorService:
                     if self._refresh.is_set():
                         self._refresh.clear()
                         self._follow(newest=True)
-                    self._follow()
-                    while (batch := self.batcher.cut(self.offsets)) is not None:
+                    # New versions are taken between batches: look when one is ready (or
+                    # now and then while idle), not at every poll.
+                    batch = self.batcher.cut(self.offsets)
+                    if batch is not None or time.monotonic() - self._looked >= FOLLOW_IDLE_S:
+                        self._follow()
+                    while batch is not None:
                         self._process(batch)
+                        batch = self.batcher.cut(self.offsets)
                 if self.progress.due():
                     log.info("%s", self.progress.line(_sum(highwater_lag(self.consumer))))
                 if self._idle(max_idle_s):
@@ -220,6 +230,7 @@ class PredictorService:
             candidates += self.follower.poll(0)
         else:
             candidates = self.follower.poll(0)
+        self._looked = time.monotonic()
         rejected_before = self._rejected
         for pub in sorted(candidates, key=lambda p: p.version, reverse=True):
             if self.snapshot is not None and pub.version <= self.snapshot.version:
