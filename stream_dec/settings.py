@@ -243,7 +243,7 @@ class ModelSettings(_Group):
     # The update runs on its own thread beside the poll loop; one torch thread per usable
     # CPU lets labelling and learning use the cores the poll loop leaves idle
     # (bench/run_service.py measures it).
-    threads: int = Field(0, ge=0, le=1024, description="torch CPU threads for labelling and learning (0 = one per CPU this process may use)")
+    threads: int = Field(0, ge=0, le=1024, description="torch CPU threads for labelling and learning (0 = one per CPU this process may use; a predictor: 1)")
 
     @field_validator("device")
     @classmethod
@@ -264,7 +264,7 @@ class ScaleSettings(_Group):
     # learner's first snapshot before saying so in the log (it keeps waiting).
     model_wait_s: float = Field(30.0, gt=0, description="seconds a predictor waits for a model snapshot before warning (it keeps waiting)")
     # Feed lag, in the learner's own batches, beyond which it halves the advised rate
-    # (and below a quarter of which it doubles it back, up to sample_rate).
+    # (and below a quarter of which it raises it again, up to sample_rate).
     max_feed_lag_batches: float = Field(4.0, gt=0, description="learner feed lag (in micro-batches) above which it asks predictors to sample less")
 
 

@@ -217,13 +217,18 @@ class ServiceMetrics:
         for name in ROLES:
             self.role_info.labels(name).set(1 if name == role else 0)
 
-    def model_swapped(self, version: int, published_at: float | None) -> None:
-        """A predictor labels with ``version`` from now on (``published_at``: when the learner published it, if known)."""
+    def model_swapped(self, version: int, published_at: float | None, *, propagated: bool = True) -> None:
+        """A predictor labels with ``version`` from now on (``published_at``: when the learner published it, if known).
+
+        ``propagated``: False for a predictor's first model (at start): its age is not a
+        propagation time, so the histogram leaves it out.
+        """
         self.model_version.set(version)
         if published_at is not None:
             self.snapshot_time.set(published_at)
-            # Clocks of two machines may disagree by a little: never a negative time.
-            self.propagation.observe(max(0.0, time.time() - published_at))
+            if propagated:
+                # Clocks of two machines may disagree by a little: never a negative time.
+                self.propagation.observe(max(0.0, time.time() - published_at))
 
     def newest_known_version(self, version: int) -> None:
         """A predictor has seen ``version`` on the model topic (whether or not it uses it yet)."""

@@ -103,7 +103,9 @@ class PredictorService:
 
     def __init__(self, settings: Settings, hooks: ServiceHooks | None = None):
         self.settings = settings
-        use_torch_threads(settings.model.threads)
+        # One torch thread unless set: a predictor's labelling is small matrix work, and
+        # the Kafka clients need the other cores (more threads measured slower, bench/run_scale.py).
+        use_torch_threads(settings.model.threads or 1)
         self.metrics = ServiceMetrics()
         self.metrics.set_role("predictor")
         self.progress = Progress(settings.progress.every_batches, settings.progress.every_s)
@@ -253,13 +255,14 @@ class PredictorService:
             return False
         if self.snapshot is not None and snap.n_features_in_ != self.snapshot.n_features_in_:
             log.warning("model version %d expects %d features (was %d)", snap.version, snap.n_features_in_, self.snapshot.n_features_in_)
+        first = self.snapshot is None
         self.snapshot, self.published_at = snap, pub.published_at
         rate = pub.meta.get(RATE_META)
         try:
             self.advised_rate = min(1.0, max(0.0, float(rate))) if rate is not None else 1.0
         except ValueError:
             self.advised_rate = 1.0
-        self.metrics.model_swapped(snap.version, pub.published_at)
+        self.metrics.model_swapped(snap.version, pub.published_at, propagated=not first)
         log.info("model version %d in use (%d ids)", snap.version, len(snap.cluster_ids_))
         return True
 

@@ -21,9 +21,10 @@ Invariants of the learner:
   same transaction under exactly-once. The version the learner starts from (a
   checkpoint) is published when it takes the feed, so predictors starting with it
   have a model before any latents exist.
-* The advised sample rate (a snapshot header, not part of the snapshot's bytes) halves
-  while the feed lag exceeds ``STREAM_DEC_SCALE__MAX_FEED_LAG_BATCHES`` batches and
-  doubles back once below a quarter of that, up to ``STREAM_DEC_SCALE__SAMPLE_RATE``.
+* The advised sample rate (a snapshot header, not part of the snapshot's bytes) changes
+  at most every ``ADVISE_PERIOD_S``: it halves while the feed lag exceeds
+  ``STREAM_DEC_SCALE__MAX_FEED_LAG_BATCHES`` batches and is not shrinking, and rises by
+  a quarter once the lag is below a quarter of that, up to ``STREAM_DEC_SCALE__SAMPLE_RATE``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ log = logging.getLogger("stream_dec.service")
 
 #: Lowest advised sample rate: the learner always sees some of the stream.
 MIN_RATE = 1.0 / 1024
+#: Shortest time between two changes of the advised rate: longer than a version takes to
+#: reach the predictors plus a few batches, so a change shows in the feed lag before the
+#: next one (changing at every update made the rate swing between its bounds).
+ADVISE_PERIOD_S = 2.0
 
 
 def learner_settings(settings: Settings) -> Settings:
@@ -84,6 +89,8 @@ class LearnerService(StreamService):
         self.rate = settings.scale.sample_rate
         self._rows_per_record = float(FEED_MAX_ROWS)
         self._announce = False  # the version in memory is not yet published since the feed was taken
+        self._advised_at = time.monotonic()  # when the advised rate last changed (or was confirmed)
+        self._lag_seen = 0.0  # feed lag (rows) then
         self.metrics.advised_sample_rate(self.rate)
 
     def _start(self, install_signals: bool) -> None:
@@ -142,19 +149,20 @@ class LearnerService(StreamService):
         log.info("published model version %d on %r", self.model.version_, self.role_settings.kafka.model_topic)
 
     def _advise(self) -> None:
-        """Halve the advised sample rate while the feed lags by more than the bound; double it back once it has caught up."""
+        """Every ``ADVISE_PERIOD_S`` at most: halve the advised rate while the feed lag is over its bound and not
+        shrinking, raise it by a quarter once the learner has caught up (multiplicative decrease, gentle increase)."""
+        now = time.monotonic()
         lag = highwater_lag(self.consumer) if self.consumer is not None else {}
-        if not lag:
+        if not lag or now - self._advised_at < ADVISE_PERIOD_S:
             return
         rows = sum(lag.values()) * self._rows_per_record
         bound = self.role_settings.scale.max_feed_lag_batches * self.role_settings.batch.max_size
-        cap = self.role_settings.scale.sample_rate
-        if rows > bound:
+        rate = self.rate
+        if rows > bound and rows >= self._lag_seen:
             rate = max(MIN_RATE, self.rate / 2)
         elif rows < bound / 4:
-            rate = min(cap, self.rate * 2)
-        else:
-            return
+            rate = min(self.role_settings.scale.sample_rate, self.rate * 1.25)
+        self._advised_at, self._lag_seen = now, rows
         if rate != self.rate:
             log.info("feed lag %d rows (bound %d): advising predictors a sample rate of %.4g", rows, bound, rate)
             self.rate = rate
