@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test quickstart demo bench-quality bench-cost clean
+.PHONY: venv test quickstart demo bench-quality bench-hierarchy bench-cost clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,20 @@ bench-quality: $(STAMP)
 	$(PY) bench/run_quality.py --sets stackoverflow banking77 mnist_test --seeds 0 1 2 --scenario both \
 		--methods frozen_kmeans mbk_base mbk_all refit_kmeans oracle_2proto stream_dec \
 		--variant 'dec_rule:centre_rule="dec",ewc_lambda=1.0' --out bench/results/quality.json
+
+# The id hierarchy's table (README "Quality"): the coarse sets with the drift scenario,
+# the full text sets class-incremental only, merged into one file.
+HIER = --seeds 0 1 2 --threads 1 --param max_update_ms=60000 --variant norefine:refine_share=0.0,refine_budget=0.0
+bench-hierarchy: $(STAMP)
+	$(PY) bench/run_quality.py $(HIER) --scenario both --out bench/results/tmp/h-coarse.json \
+		--sets stackoverflow-c4 stackoverflow-c8 stackoverflow-c8s1 stackoverflow-c8s2 banking77-c4 banking77-c8 banking77-c8s1 banking77-c8s2 mnist_test \
+		--methods frozen_kmeans mbk_base mbk_all refit_kmeans oracle_2proto stream_dec
+	$(PY) bench/run_quality.py $(HIER) --scenario class_incremental --sets stackoverflow \
+		--methods frozen_kmeans mbk_all refit_kmeans stream_dec --out bench/results/tmp/h-so.json
+	$(PY) bench/run_quality.py $(HIER) --scenario class_incremental --sets banking77 \
+		--methods frozen_kmeans mbk_all refit_kmeans stream_dec --out bench/results/tmp/h-b77.json
+	$(PY) bench/merge_quality.py bench/results/tmp/h-coarse.json bench/results/tmp/h-so.json bench/results/tmp/h-b77.json \
+		--out bench/results/quality_hierarchy.json
 
 bench-cost: $(STAMP)
 	$(PY) bench/run_cost.py --out bench/results/cost.json
