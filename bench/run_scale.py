@@ -75,58 +75,33 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-try:  # imported as part of the namespace package ``bench``
-    from .protocol import run_class_incremental
-    from .run_quality import (
-        CI,
-        Method,
-        format_table,
-        limit_threads,
-        load_set,
-        run_one,
-        seed_means,
-        write_json,
-    )
-    from .run_service import (
-        CpuMeter,
-        PhaseClock,
-        bare_loop,
-        build_vectors,
-        fit_base,
-        fresh_ckpt,
-        loadavg,
-        pct,
-        produce_inputs,
-        restore_kafka_logger,
-        split_stream,
-        versions,
-    )
-except ImportError:  # bench/ itself is on sys.path (python bench/run_scale.py)
-    from protocol import run_class_incremental
-    from run_quality import (
-        CI,
-        Method,
-        format_table,
-        limit_threads,
-        load_set,
-        run_one,
-        seed_means,
-        write_json,
-    )
-    from run_service import (
-        CpuMeter,
-        PhaseClock,
-        bare_loop,
-        build_vectors,
-        fit_base,
-        fresh_ckpt,
-        loadavg,
-        pct,
-        produce_inputs,
-        restore_kafka_logger,
-        split_stream,
-        versions,
-    )
+# bench/ on the path: the sibling scripts import the same way whether this file is run or imported.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protocol import run_class_incremental
+from run_quality import (
+    CI,
+    Method,
+    format_table,
+    limit_threads,
+    load_set,
+    run_one,
+    seed_means,
+    write_json,
+)
+from run_service import (
+    CpuMeter,
+    PhaseClock,
+    bare_loop,
+    build_vectors,
+    fit_base,
+    fresh_ckpt,
+    loadavg,
+    pct,
+    produce_inputs,
+    restore_kafka_logger,
+    split_stream,
+    versions,
+)
 
 SECTIONS = ("predictor", "cpu", "learner", "quality")
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"

@@ -57,6 +57,15 @@ def check_topic_name(value: str) -> str:
     return value
 
 
+def _distinct_topic(value: str, info, others: tuple[str, ...]) -> str:
+    """``value`` as a legal topic name that differs from the topics ``others`` (validated before it)."""
+    value = check_topic_name(value)
+    for other in others:
+        if value == info.data.get(other):
+            raise ValueError(f"must differ from {env_name('kafka', other)} ({value!r})")
+    return value
+
+
 class KafkaSettings(_Group):
     """Broker connection, topics, consumer-group timing and delivery guarantee."""
 
@@ -132,20 +141,12 @@ class KafkaSettings(_Group):
     @field_validator("dlq_topic")
     @classmethod
     def _dlq(cls, value: str, info) -> str:
-        value = check_topic_name(value)
-        for other in ("input_topic", "output_topic"):
-            if value == info.data.get(other):
-                raise ValueError(f"must differ from {env_name('kafka', other)} ({value!r})")
-        return value
+        return _distinct_topic(value, info, ("input_topic", "output_topic"))
 
     @field_validator("model_topic", "feed_topic")
     @classmethod
     def _internal(cls, value: str, info) -> str:
-        value = check_topic_name(value)
-        for other in ("input_topic", "output_topic", "dlq_topic", "model_topic"):
-            if other != info.field_name and value == info.data.get(other):
-                raise ValueError(f"must differ from {env_name('kafka', other)} ({value!r})")
-        return value
+        return _distinct_topic(value, info, tuple(o for o in ("input_topic", "output_topic", "dlq_topic", "model_topic") if o != info.field_name))
 
     @field_validator("heartbeat_interval_ms")
     @classmethod

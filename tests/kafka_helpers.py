@@ -79,12 +79,14 @@ def service_settings(broker, ckpt_dir, tag: str, **over):
     )
 
 
-def setup_stream(broker, blobs, tmp_path, tag: str):
-    """Fresh topics in-/out-/dlq-<tag> and a checkpoint dir with a model fitted on the base blobs; returns the dir."""
+def setup_stream(broker, blobs, tmp_path, tag: str, partitions: int = 1):
+    """Fresh topics in-/out-/dlq-<tag> (``partitions`` input partitions) and a checkpoint dir with a model
+    fitted on the base blobs; returns the dir."""
     from stream_dec import StreamDEC
     from tests.conftest import FAST  # here, not at the top: conftest imports this module's importer
 
-    broker.create_topics([f"in-{tag}", f"out-{tag}", f"dlq-{tag}"])
+    broker.create_topics([f"in-{tag}"], partitions=partitions)
+    broker.create_topics([f"out-{tag}", f"dlq-{tag}"])
     ckpt = tmp_path / "ckpt"
     StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"]).save(ckpt)
     return ckpt

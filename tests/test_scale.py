@@ -9,24 +9,14 @@ from collections import defaultdict
 import numpy as np
 import pytest
 from kafka import KafkaProducer
-from kafka_helpers import read_topic, service_settings, wait_for
+from kafka_helpers import read_topic, service_settings, setup_stream, wait_for
 
-from stream_dec import StreamDEC
 from stream_dec.io.codecs import encode_json
 from stream_dec.online.snapshot import PredictSnapshot
 from stream_dec.service.predictor import PredictorService
 from stream_dec.service.roles import LearnerService, build_service
-from tests.conftest import FAST
 
 PARTITIONS = 8
-
-
-def _setup(broker, blobs, tmp_path, tag):
-    broker.create_topics([f"in-{tag}"], partitions=PARTITIONS)
-    broker.create_topics([f"out-{tag}", f"dlq-{tag}"])
-    ckpt = tmp_path / "ckpt"
-    StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"]).save(ckpt)
-    return ckpt
 
 
 def _settings(broker, ckpt, tag, role, **over):
@@ -51,7 +41,7 @@ def _start(services):
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_one_learner_three_predictors_label_everything_with_versions(broker, blobs, tmp_path, guarantee):
     tag = f"scale-{guarantee.replace('_', '-')}"
-    ckpt = _setup(broker, blobs, tmp_path, tag)
+    ckpt = setup_stream(broker, blobs, tmp_path, tag, PARTITIONS)
     eos = {"kafka__processing_guarantee": guarantee}
     learner = LearnerService(_settings(broker, ckpt, tag, "learner", **eos))
     preds = [build_service(_settings(broker, ckpt, tag, "predictor", **eos)) for _ in range(3)]

@@ -10,20 +10,16 @@ import time
 from collections import defaultdict
 
 import numpy as np
-from kafka_helpers import free_port, metric, read_topic, run_env, send_items
-
-from stream_dec import StreamDEC
-from tests.conftest import FAST
+from kafka_helpers import (
+    free_port,
+    metric,
+    read_topic,
+    run_env,
+    send_items,
+    setup_stream,
+)
 
 PARTITIONS = 8
-
-
-def _setup(broker, blobs, tmp_path, tag):
-    broker.create_topics([f"in-{tag}"], partitions=PARTITIONS)
-    broker.create_topics([f"out-{tag}", f"dlq-{tag}"])
-    ckpt = tmp_path / "ckpt"
-    StreamDEC(n_clusters=5, random_state=0, **FAST).fit(blobs["X"]).save(ckpt)
-    return ckpt
 
 
 class _Proc:
@@ -90,7 +86,7 @@ def _items(blobs, prefix, n, seed):
 
 def test_a_killed_predictor_leaves_nothing_unlabelled(broker, blobs, tmp_path):
     tag = "kill-predictor"
-    ckpt = _setup(broker, blobs, tmp_path, tag)
+    ckpt = setup_stream(broker, blobs, tmp_path, tag, PARTITIONS)
     learner = _Proc(broker, tag, ckpt, "learner", tmp_path, "learner")
     preds = [_Proc(broker, tag, ckpt, "predictor", tmp_path, f"predictor-{i}") for i in range(3)]
     procs = [learner, *preds]
@@ -112,7 +108,7 @@ def test_a_killed_predictor_leaves_nothing_unlabelled(broker, blobs, tmp_path):
 
 def test_a_killed_learners_standby_republishes_identical_versions(broker, blobs, tmp_path):
     tag = "kill-learner"
-    ckpt = _setup(broker, blobs, tmp_path, tag)
+    ckpt = setup_stream(broker, blobs, tmp_path, tag, PARTITIONS)
     # No checkpoint after the start: the standby replays every batch from the journal.
     slow_ckpt = {"STREAM_DEC_CHECKPOINT__INTERVAL_BATCHES": 100_000}
     a = _Proc(broker, tag, ckpt, "learner", tmp_path, "learner-a", **slow_ckpt)

@@ -11,7 +11,17 @@ import time
 
 import numpy as np
 import pytest
-from kafka_helpers import committed, consume, free_port, metric, published, run_env, send_items, setup_stream
+from kafka_helpers import (
+    committed,
+    consume,
+    free_port,
+    metric,
+    published,
+    read_topic,
+    run_env,
+    send_items,
+    setup_stream,
+)
 
 from stream_dec import StreamDEC
 from tests.conftest import FAST
@@ -35,24 +45,7 @@ def _assignments(broker, tag, n, timeout_s=60):
 
 def _read_all(broker, tag) -> list[dict]:
     """Every output record's value (transaction markers take offsets but hold no record)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    c = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, enable_auto_commit=False, fetch_max_wait_ms=100)
-    tp = TopicPartition(f"out-{tag}", 0)
-    c.assign([tp])
-    c.seek(tp, 0)
-    out: list[dict] = []
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline:
-            for batch in c.poll(timeout_ms=200).values():
-                out.extend(json.loads(r.value) for r in batch)
-            hw = c.highwater(tp)
-            if hw is not None and c.position(tp) >= hw:
-                return out
-        raise AssertionError(f"could not read out-{tag} to its end")
-    finally:
-        c.close()
+    return [json.loads(r.value) for r in read_topic(broker.bootstrap_servers, f"out-{tag}")]
 
 
 @pytest.fixture(scope="module")

@@ -260,9 +260,8 @@ class StreamService:
             self.server = None
 
     def _start(self, install_signals: bool) -> None:
-        if install_signals and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.stop)
-            signal.signal(signal.SIGINT, self.stop)
+        if install_signals:
+            stop_on_signals(self.stop)
         self.checkpointer.directory.mkdir(parents=True, exist_ok=True)
         self.server = serve_metrics(self.settings, self.metrics)
         k = self.settings.kafka
@@ -571,6 +570,13 @@ class _Stopwatch:
         now = time.perf_counter()
         self.laps[name] = self.laps.get(name, 0.0) + now - self._last
         self._last = now
+
+
+def stop_on_signals(stop) -> None:
+    """Call ``stop`` on SIGTERM and SIGINT (only the main thread may install handlers; elsewhere nothing)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
 
 
 def use_torch_threads(threads: int | None) -> None:

@@ -33,7 +33,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 
@@ -46,7 +45,7 @@ from stream_dec.io.feed import encode_latents, sample_mask
 from stream_dec.io.modeltopic import ModelFollower, Published
 from stream_dec.io.partitioner import default_partitions
 from stream_dec.online.snapshot import PredictSnapshot, SnapshotError
-from stream_dec.service.app import use_torch_threads
+from stream_dec.service.app import stop_on_signals, use_torch_threads
 from stream_dec.service.batcher import Batch, Batcher
 from stream_dec.service.clients import (
     broker_connected,
@@ -189,9 +188,8 @@ class PredictorService:
             self.server = None
 
     def _start(self, install_signals: bool) -> None:
-        if install_signals and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.stop)
-            signal.signal(signal.SIGINT, self.stop)
+        if install_signals:
+            stop_on_signals(self.stop)
         k = self.settings.kafka
         self.server = serve_metrics(self.settings, self.metrics)
         cfg = consumer_config(self.settings)
