@@ -7,7 +7,6 @@ import threading
 from collections import defaultdict
 
 import numpy as np
-import pytest
 from kafka import KafkaProducer
 from kafka_helpers import read_topic, service_settings, setup_stream, wait_for
 
@@ -38,13 +37,11 @@ def _start(services):
     return threads
 
 
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
-def test_one_learner_three_predictors_label_everything_with_versions(broker, blobs, tmp_path, guarantee):
-    tag = f"scale-{guarantee.replace('_', '-')}"
+def test_one_learner_three_predictors_label_everything_with_versions(broker, blobs, tmp_path):
+    tag = "scale"
     ckpt = setup_stream(broker, blobs, tmp_path, tag, PARTITIONS)
-    eos = {"kafka__processing_guarantee": guarantee}
-    learner = LearnerService(_settings(broker, ckpt, tag, "learner", **eos))
-    preds = [build_service(_settings(broker, ckpt, tag, "predictor", **eos)) for _ in range(3)]
+    learner = LearnerService(_settings(broker, ckpt, tag, "learner"))
+    preds = [build_service(_settings(broker, ckpt, tag, "predictor")) for _ in range(3)]
     assert all(isinstance(p, PredictorService) for p in preds)
     threads = _start([learner, *preds])
     # Every predictor loads the version the learner starts from before it joins the group.
