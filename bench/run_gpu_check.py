@@ -75,7 +75,7 @@ def environment(device: str) -> dict:
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    multiprocessors=props.multi_processor_count, capability=f"{props.major}.{props.minor}")
     try:
-        out = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["nvidia-smi"], check=False, capture_output=True, text=True, timeout=30)
         env["nvidia_smi"] = out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         env["nvidia_smi"] = None
@@ -175,8 +175,8 @@ def format_check(result: dict, title: str) -> str:
     """The printed table of ``check``."""
     r, c = result["run"], result["same_seed_cpu"]
     lines = [title,
-             f"on {r['device_resolved']}: CUDA start {r['warm_s']:.1f} s, fit {r['fit_s']:.1f} s, {r['updates']} updates {r['updates_s']:.1f} s "
-             f"(p50 {r['update_ms_p50']:.1f} ms, cut {r['updates_cut']}), {r['new_clusters']} spawned, K end {r['n_clusters_end']}, version {r['model_version']}",
+             (f"on {r['device_resolved']}: CUDA start {r['warm_s']:.1f} s, fit {r['fit_s']:.1f} s, {r['updates']} updates {r['updates_s']:.1f} s "
+              f"(p50 {r['update_ms_p50']:.1f} ms, cut {r['updates_cut']}), {r['new_clusters']} spawned, K end {r['n_clusters_end']}, version {r['model_version']}"),
              f"{'check':<42} {'result':<6} {'labels differ':>13} {'max |conf diff|':>15}"]
     for ch in result["checks"]:
         differ = ch.get("labels_differ", "")
