@@ -39,12 +39,32 @@ def greedy_seeds(z: torch.Tensor, centres: torch.Tensor, n_new: int, generator: 
 
 
 @torch.no_grad()
+def cluster_sums(z: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum of the rows of ``z`` per label ``[k, d]``, bit-reproducible on every device.
+
+    ``index_add_`` adds with atomics on CUDA, so the order (and the last bits) of a sum
+    changes between runs, and a replayed update or a standby's republished snapshot
+    would differ from the original. There a one-hot matrix product, which cuBLAS runs
+    in a fixed order, does the sum; the CPU keeps ``index_add_``, whose sums every
+    checkpoint and test so far was computed with.
+
+    >>> cluster_sums(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), torch.tensor([0, 2, 0]), 3)
+    tensor([[6., 8.],
+            [0., 0.],
+            [3., 4.]])
+    """
+    if z.device.type == "cpu":
+        return torch.zeros(k, z.shape[1], dtype=z.dtype).index_add_(0, labels, z)
+    return torch.nn.functional.one_hot(labels, k).to(z.dtype).T @ z
+
+
+@torch.no_grad()
 def lloyd(z: torch.Tensor, centres: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd iterations from ``centres`` until labels settle; returns ``(labels, centres)``."""
     labels = squared_distances(z, centres).argmin(1)
     for _ in range(iters):
         counts = torch.bincount(labels, minlength=centres.shape[0]).to(z.dtype)
-        sums = torch.zeros_like(centres).index_add_(0, labels, z)
+        sums = cluster_sums(z, labels, centres.shape[0])
         centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
         new = squared_distances(z, centres).argmin(1)
         if torch.equal(new, labels):

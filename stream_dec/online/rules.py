@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stream_dec.model import kl_centre_gradient, soft_assignment, squared_distances, target_distribution
+from stream_dec.model import (
+    kl_centre_gradient,
+    soft_assignment,
+    squared_distances,
+    target_distribution,
+)
+from stream_dec.model.kmeans import cluster_sums
 from stream_dec.online.clusters import NewCluster
 from stream_dec.online.context import UpdateContext
 
@@ -47,7 +53,7 @@ class MeanRule:
     likelihood = "gaussian"  # the Fisher it needs from est.ewc_
 
     @torch.no_grad()
-    def step(self, est: "StreamDEC", u: UpdateContext) -> tuple[int, bool]:
+    def step(self, est: StreamDEC, u: UpdateContext) -> tuple[int, bool]:
         """Move every current prototype toward the mean of its batch items; returns ``(steps, cut)``."""
         if u.step_budget == 0:
             return 0, False
@@ -55,7 +61,7 @@ class MeanRule:
             return 0, True
         t = est.clusters_
         counts = torch.bincount(u.nearest, minlength=t.centres.shape[0]).to(u.z.dtype)
-        sums = torch.zeros_like(t.centres).index_add_(0, u.nearest, u.z)
+        sums = cluster_sums(u.z, u.nearest, t.centres.shape[0])
         t.centres = est.ewc_.gaussian_step(sums, counts, est.ewc_lambda)
         return 1, False
 
@@ -94,7 +100,7 @@ class DecRule:
         self.t = torch.zeros(k, device=device)  # steps taken per cluster (bias correction)
 
     @torch.no_grad()
-    def step(self, est: "StreamDEC", u: UpdateContext) -> tuple[int, bool]:
+    def step(self, est: StreamDEC, u: UpdateContext) -> tuple[int, bool]:
         """Up to ``u.step_budget`` Adam steps, checking the clock before each; returns ``(steps, cut)``.
 
         The target and the rehearsal sample are drawn whenever the batch has explained
