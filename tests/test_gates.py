@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from stream_dec import StreamDEC
@@ -49,3 +50,23 @@ def test_explain_and_assign_agree_with_predict(fitted, blobs):
     assert np.array_equal(fitted.cluster_ids_[nearest.numpy()], fitted.predict(blobs["X"]))
     assert torch.equal(nearest, gates.assign(fitted.clusters_, z))
     assert 0.85 < float(explained.float().mean()) < 1.0  # the radius is the 95% quantile of the fitted items
+
+
+def test_moving_gate_margin_is_measured_on_held_out_remembered_items(fitted, tmp_path):
+    m = _model(fitted, tmp_path)
+    t = m.clusters_
+    res = torch.from_numpy(m.reservoir_.data)
+    before = gates.assign(t, res)
+    t.centres = t.centres.clone()
+    t.centres[0] = 0.8 * t.memory[1] + 0.2 * t.memory[0]  # into cluster 1's items: its gate must exceed 1
+    gates.calibrate_moving_gates(t, res, before, margin=0.1)
+    fixed = t.gate_cur.clone()
+    assert fixed[0] > 1.21
+    # A budget no held-out half can show keeps the whole margin.
+    gates.calibrate_moving_gates(t, res, before, margin=0.1, churn=0.0)
+    assert torch.equal(t.gate_cur, fixed)
+    # A generous one is shown at margin 0: the moved prototype's gate loses the (1.1)² factor.
+    gates.calibrate_moving_gates(t, res, before, margin=0.1, churn=0.5)
+    assert float(t.gate_cur[0]) == pytest.approx(float(fixed[0]) / 1.21, rel=1e-6)
+    # Even without a margin, no remembered item changes id (at most the one at the gate's tie).
+    assert int((gates.assign(t, res) != before).sum()) <= 1

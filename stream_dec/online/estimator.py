@@ -132,7 +132,9 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         nearest cluster's squared distances.
     min_support : items a new cluster needs (None: derived from the fitted cluster sizes).
     margin : a spawned cluster takes an item only when it is at least this much closer
-        (relative distance) than the best older cluster.
+        (relative distance) than the best older cluster. A moved current prototype's
+        gate carries at most this margin: less where the reservoir's held-out half
+        shows less is safe (``gates.calibrate_moving_gates``).
     new_cluster_churn : share of remembered items a new cluster may take at birth; its
         gate (how much closer it must be) is calibrated on the reservoir to that share.
     refine_share : largest share of its parent's remembered items a new child may take
@@ -542,7 +544,7 @@ class StreamDEC(ClusterMixin, BaseEstimator):
         u = self._begin_update(z, t0, replay)
         u.steps, cut = self._rule().step(self, u)
         u.steps_cut = replay.steps_cut if replay is not None else cut
-        res_both = gates.calibrate_moving_gates(self.clusters_, u.res, u.before, self.margin) if u.steps else None
+        res_both = gates.calibrate_moving_gates(self.clusters_, u.res, u.before, self.margin, self.new_cluster_churn) if u.steps else None
         window_before = lifecycle.Window.of(self.buffer_)
         aged_z, aged_ids = self.buffer_.add(
             z.cpu().numpy(), self.clusters_.ids[u.nearest.cpu().numpy()], (~u.explained).cpu().numpy(), u.version

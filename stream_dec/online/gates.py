@@ -111,15 +111,29 @@ def assign_reusing(t: ClusterTable, res: torch.Tensor, both: torch.Tensor | None
     return gated(t, cur, mem).argmin(1)
 
 
+MARGIN_STEPS = (0.0, 0.1, 0.2, 0.5, 1.0)  # fractions of ``margin`` tried for the moving gates, smallest first
+
+
 @torch.no_grad()
-def calibrate_moving_gates(t: ClusterTable, res: torch.Tensor, assigned: torch.Tensor, margin: float) -> torch.Tensor | None:
+def calibrate_moving_gates(
+    t: ClusterTable, res: torch.Tensor, assigned: torch.Tensor, margin: float, churn: float | None = None
+) -> torch.Tensor | None:
     """Set each current prototype's gate so that it takes no remembered item of another id.
 
     A moving prototype may follow its own items anywhere, but it must not win an item
     that another id holds: its gate is the largest ratio (the other id's gated distance
-    over the distance to this prototype) over the reservoir items of other ids, times
-    the ``(1 + margin)²`` safety factor. Returns the reservoir's squared distances to
-    all prototypes ``[R, 2K]`` for reuse (None for an empty reservoir).
+    over the distance to this prototype) over the reservoir items of other ids, times a
+    safety factor ``(1 + m)²`` for the items the reservoir does not hold.
+
+    ``m`` is measured, not fixed, when ``churn`` is given: calibrated on one half of the
+    reservoir, the gates are applied to the other half (both ways), and ``m`` is the
+    smallest of :data:`MARGIN_STEPS` × ``margin`` at which that unseen half loses at
+    most ``2 × churn`` of its items (a gate set on the whole reservoir, twice the
+    sample, lets through about half as many). Few remembered items need the whole
+    ``margin``; a well-sampled stream lets the prototypes follow their drifting items
+    closely, which a fixed margin forbids (docs/experiments.md §17). ``churn=None``
+    keeps the whole ``margin``. Returns the reservoir's squared distances to all
+    prototypes ``[R, 2K]`` for reuse (None for an empty reservoir).
     """
     if len(res) == 0:
         return None
@@ -130,8 +144,39 @@ def calibrate_moving_gates(t: ClusterTable, res: torch.Tensor, assigned: torch.T
     ratio = held / both[:, :k].clamp_min(1e-12)
     ratio.scatter_(1, assigned[:, None], 0.0)
     floor = torch.where(t.spawned, (1.0 + margin) ** 2, 1.0)
-    t.gate_cur = torch.maximum(ratio.max(0).values * (1.0 + margin) ** 2, floor)
+    m = margin if churn is None else _held_out_margin(ratio, floor, margin, churn)
+    t.gate_cur = torch.maximum(ratio.max(0).values * (1.0 + m) ** 2, floor)
     return both
+
+
+def _held_out_margin(ratio: torch.Tensor, floor: torch.Tensor, margin: float, churn: float) -> float:
+    """Smallest margin of :data:`MARGIN_STEPS` whose gates, set on one half of ``ratio``'s
+    rows, provably take at most ``2 × churn`` of the other half.
+
+    Every row is unseen once (each half is fitted on the other). With ``lost`` of the
+    ``n`` rows taken, the share is bounded above by ``(lost + 3 + 2√lost) / n``: the rule
+    of three for none lost, about two standard deviations above the count otherwise.
+    A small reservoir cannot show a share this low, so it keeps the whole ``margin``.
+
+    >>> r = torch.zeros(4000, 2); r[:, 1] = torch.linspace(0.1, 0.9, 4000)
+    >>> _held_out_margin(r, torch.ones(2), margin=0.1, churn=0.002)  # many items, none near: no margin
+    0.0
+    >>> _held_out_margin(r[:400], torch.ones(2), margin=0.1, churn=0.002)  # too few to show it
+    0.1
+    """
+    halves = (ratio[0::2], ratio[1::2])
+    n = ratio.shape[0]
+    if min(len(h) for h in halves) == 0:
+        return margin
+    for step in MARGIN_STEPS:
+        m = step * margin
+        lost = 0
+        for fit, unseen in (halves, halves[::-1]):
+            gate = torch.maximum(fit.max(0).values * (1.0 + m) ** 2, floor)
+            lost += int((unseen > gate[None, :]).any(1).sum())
+        if (lost + 3 + 2 * lost**0.5) / n <= 2 * churn:
+            return m
+    return margin
 
 
 @torch.no_grad()
