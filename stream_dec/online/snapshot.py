@@ -4,7 +4,9 @@ A snapshot holds one model version's input normalisation, frozen encoder, cluste
 table (stream_dec/online/clusters.py) and confidence calibration
 (stream_dec/online/confidence.py), and labels with the same function as the
 estimator (:func:`stream_dec.online.gates.label`), so the same embedding gets the same
-id and confidence from the learner and from any predictor holding that version. It
+id and confidence from the learner and from any predictor holding that version (on
+another kind of device the ids still match, and the confidence agrees to float
+rounding, about 1e-6, as bench/run_gpu_check.py measured on a GPU). It
 carries no reservoir, novelty window, EWC or rule state: it cannot learn.
 
 Bytes (:meth:`PredictSnapshot.to_bytes`), deterministic for a given model state, so a
