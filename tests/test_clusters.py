@@ -97,6 +97,36 @@ def test_mean_rule_is_the_precision_weighted_mean(fitted, blobs, tmp_path):
             assert torch.allclose(m.centres_[j], expect, atol=1e-5), (lam, j)
 
 
+def test_follow_nearest_moves_a_prototype_by_the_items_nearest_it_not_by_their_labels(fitted, blobs, tmp_path):
+    """follow="nearest": the E-step over current prototypes; the labels stay the gates' business."""
+    from stream_dec import StreamDEC
+    from stream_dec.model import squared_distances
+    from stream_dec.online import gates
+
+    fitted.save(tmp_path / "m.sdec")
+    X = blobs["X"][:300]
+    moved = {}
+    for follow in ("labels", "nearest"):
+        m = StreamDEC.load(tmp_path / "m.sdec").set_params(ewc_lambda=0.0, max_churn=1.0, max_total_churn=1.0, follow=follow)
+        t = m.clusters_
+        res = torch.from_numpy(m.reservoir_.data)
+        held = gates.assign(t, res)
+        t.centres = t.centres.clone()
+        t.centres[0] = 0.7 * t.memory[1] + 0.3 * t.memory[0]  # cluster 0's prototype drifted into cluster 1
+        gates.calibrate_moving_gates(t, res, held, m.margin)
+        z, c0, anchor = torch.from_numpy(m.transform(X)), t.centres.clone(), m.ewc_.anchor.clone()
+        labels = np.searchsorted(m.cluster_ids_, m.predict(X))
+        nearest = squared_distances(z, c0).argmin(1).numpy()
+        assert (labels != nearest).sum() > 10  # the two groupings differ here, so the rule is tested
+        rows = nearest if follow == "nearest" else labels
+        m.partial_fit(X)
+        for j in range(len(c0)):
+            expect = z[rows == j].mean(0) if (rows == j).any() else anchor[j]  # no items: back to the EWC anchor
+            assert torch.allclose(m.centres_[j], expect, atol=1e-5), (follow, j)
+        moved[follow] = m.centres_[: len(c0)].clone()
+    assert not torch.allclose(moved["labels"], moved["nearest"])
+
+
 def test_reservoir_mirror_follows_every_write():
     """The device mirror (tested on the CPU through its private path) equals the rows after any adds."""
     from stream_dec.online.reservoir import Reservoir

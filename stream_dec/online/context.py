@@ -48,6 +48,7 @@ class UpdateContext:
     guard_cut: bool = False
     turnover: int | None = None  # the window's turnover counter before a spawn search reset it
     births: dict = field(default_factory=dict)  # new id -> evidence of its birth (spawn.maybe_spawn)
+    given: torch.Tensor | None = None  # [n] row each item was given by the centre step (None: ``nearest``)
 
     def out_of_time(self) -> bool:
         """Whether a fresh update has used its wall-clock budget (never, on a replay)."""

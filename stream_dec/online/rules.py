@@ -54,14 +54,18 @@ class MeanRule:
 
     @torch.no_grad()
     def step(self, est: StreamDEC, u: UpdateContext) -> tuple[int, bool]:
-        """Move every current prototype toward the mean of its batch items; returns ``(steps, cut)``."""
+        """Move every current prototype toward the mean of its batch items (``est.follow`` says which); returns ``(steps, cut)``."""
         if u.step_budget == 0:
             return 0, False
         if u.out_of_step_time():
             return 0, True
         t = est.clusters_
-        counts = torch.bincount(u.nearest, minlength=t.centres.shape[0]).to(u.z.dtype)
-        sums = cluster_sums(u.z, u.nearest, t.centres.shape[0])
+        # "nearest": the k-means E-step over the current prototypes, so a prototype
+        # follows its group even where the gates label the group with another id.
+        near = squared_distances(u.z, t.centres).argmin(1) if est.follow == "nearest" else u.nearest
+        u.given = near  # the Gaussian Fisher counts the items the step gave each prototype
+        counts = torch.bincount(near, minlength=t.centres.shape[0]).to(u.z.dtype)
+        sums = cluster_sums(u.z, near, t.centres.shape[0])
         t.centres = est.ewc_.gaussian_step(sums, counts, est.ewc_lambda)
         return 1, False
 
