@@ -127,9 +127,10 @@ def calibrate_moving_gates(
 
     ``m`` is measured, not fixed, when ``churn`` is given: calibrated on one half of the
     reservoir, the gates are applied to the other half (both ways), and ``m`` is the
-    smallest of :data:`MARGIN_STEPS` × ``margin`` at which that unseen half loses at
-    most ``2 × churn`` of its items (a gate set on the whole reservoir, twice the
-    sample, lets through about half as many). Few remembered items need the whole
+    smallest of :data:`MARGIN_STEPS` × ``margin`` at which that unseen half provably
+    loses at most ``churn / 2`` of its items; a gate set on the whole reservoir, twice
+    the sample, lets through about half as many, so a moved prototype spends about a
+    quarter of what a new cluster may take, each update. Few remembered items need the whole
     ``margin``; a well-sampled stream lets the prototypes follow their drifting items
     closely, which a fixed margin forbids (docs/experiments.md §17). ``churn=None``
     keeps the whole ``margin``. Returns the reservoir's squared distances to all
@@ -151,7 +152,7 @@ def calibrate_moving_gates(
 
 def _held_out_margin(ratio: torch.Tensor, floor: torch.Tensor, margin: float, churn: float) -> float:
     """Smallest margin of :data:`MARGIN_STEPS` whose gates, set on one half of ``ratio``'s
-    rows, provably take at most ``2 × churn`` of the other half.
+    rows, provably take at most ``churn / 2`` of the other half.
 
     Every row is unseen once (each half is fitted on the other). With ``lost`` of the
     ``n`` rows taken, the share is bounded above by ``(lost + 3 + 2√lost) / n``: the rule
@@ -174,7 +175,7 @@ def _held_out_margin(ratio: torch.Tensor, floor: torch.Tensor, margin: float, ch
         for fit, unseen in (halves, halves[::-1]):
             gate = torch.maximum(fit.max(0).values * (1.0 + m) ** 2, floor)
             lost += int((unseen > gate[None, :]).any(1).sum())
-        if (lost + 3 + 2 * lost**0.5) / n <= 2 * churn:
+        if (lost + 3 + 2 * lost**0.5) / n <= churn / 2:
             return m
     return margin
 
