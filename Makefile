@@ -38,7 +38,7 @@ bench-quality: $(STAMP)
 		--variant 'dec_rule:centre_rule="dec",ewc_lambda=1.0' --out bench/results/quality.json
 
 # The id hierarchy's table (README "Quality"): the coarse sets with the drift scenario,
-# the full text sets class-incremental only, merged into one file.
+# the full text sets class-incremental and drift in separate runs, merged into one file.
 HIER = --seeds 0 1 2 --threads 1 --param max_update_ms=60000 --variant norefine:refine_share=0.0,refine_budget=0.0
 bench-hierarchy: $(STAMP)
 	$(PY) bench/run_quality.py $(HIER) --scenario both --out bench/results/tmp/h-coarse.json \
@@ -48,8 +48,10 @@ bench-hierarchy: $(STAMP)
 		--methods frozen_kmeans mbk_all refit_kmeans stream_dec --out bench/results/tmp/h-so.json
 	$(PY) bench/run_quality.py $(HIER) --scenario class_incremental --sets banking77 \
 		--methods frozen_kmeans mbk_all refit_kmeans stream_dec --out bench/results/tmp/h-b77.json
+	$(PY) bench/run_quality.py $(HIER) --scenario gradual_drift --sets stackoverflow banking77 \
+		--methods frozen_kmeans mbk_base oracle_2proto stream_dec --out bench/results/tmp/h-drift.json
 	$(PY) bench/merge_quality.py bench/results/tmp/h-coarse.json bench/results/tmp/h-so.json bench/results/tmp/h-b77.json \
-		--out bench/results/quality_hierarchy.json
+		bench/results/tmp/h-drift.json --out bench/results/quality_hierarchy.json
 
 bench-cost: $(STAMP)
 	$(PY) bench/run_cost.py --out bench/results/cost.json
