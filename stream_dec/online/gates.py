@@ -169,12 +169,16 @@ def _held_out_margin(ratio: torch.Tensor, floor: torch.Tensor, margin: float, ch
     n = ratio.shape[0]
     if min(len(h) for h in halves) == 0:
         return margin
+    # An unseen row is taken at margin m when some prototype's ratio beats both the floor
+    # and the fitted half's largest ratio times (1 + m)²: so each row needs one number,
+    # the largest ratio-to-fitted-max over the prototypes whose floor it passes.
+    need = torch.cat([
+        torch.where(unseen > floor[None, :], unseen / fit.max(0).values.clamp_min(1e-30)[None, :], 0.0).max(1).values
+        for fit, unseen in (halves, halves[::-1])
+    ])
     for step in MARGIN_STEPS:
         m = step * margin
-        lost = 0
-        for fit, unseen in (halves, halves[::-1]):
-            gate = torch.maximum(fit.max(0).values * (1.0 + m) ** 2, floor)
-            lost += int((unseen > gate[None, :]).any(1).sum())
+        lost = int((need > (1.0 + m) ** 2).sum())
         if (lost + 3 + 2 * lost**0.5) / n <= churn / 2:
             return m
     return margin
