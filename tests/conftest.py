@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 # Small network and short schedules keep each fit well under a second on 2 cores.
-FAST = dict(hidden_dims=(32,), latent_dim=8, pretrain_epochs=8, refine_max_iter=100, n_init=3, verbose=False)
+# The model-level tests check CPU figures and build CPU tensors; on a GPU host they stay on
+# the CPU (bench/run_gpu_check.py checks the model on a GPU).
+FAST = dict(hidden_dims=(32,), latent_dim=8, pretrain_epochs=8, refine_max_iter=100, n_init=3, verbose=False, device="cpu")
 
 
 def make_blobs(n_per: int, centres: np.ndarray, spread: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
