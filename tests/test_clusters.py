@@ -113,7 +113,7 @@ def test_follow_nearest_moves_a_prototype_by_the_items_nearest_it_not_by_their_l
         held = gates.assign(t, res)
         t.centres = t.centres.clone()
         t.centres[0] = 0.7 * t.memory[1] + 0.3 * t.memory[0]  # cluster 0's prototype drifted into cluster 1
-        gates.calibrate_moving_gates(t, res, held, m.margin)
+        gates.calibrate_moving_gates(t, res, held, m.margin, m.new_cluster_churn)
         z, c0, anchor = torch.from_numpy(m.transform(X)), t.centres.clone(), m.ewc_.anchor.clone()
         labels = np.searchsorted(m.cluster_ids_, m.predict(X))
         nearest = squared_distances(z, c0).argmin(1).numpy()

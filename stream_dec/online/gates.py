@@ -116,7 +116,7 @@ MARGIN_STEPS = (0.0, 0.1, 0.2, 0.5, 1.0)  # fractions of ``margin`` tried for th
 
 @torch.no_grad()
 def calibrate_moving_gates(
-    t: ClusterTable, res: torch.Tensor, assigned: torch.Tensor, margin: float, churn: float | None = None
+    t: ClusterTable, res: torch.Tensor, assigned: torch.Tensor, margin: float, churn: float
 ) -> torch.Tensor | None:
     """Set each current prototype's gate so that it takes no remembered item of another id.
 
@@ -125,15 +125,15 @@ def calibrate_moving_gates(
     over the distance to this prototype) over the reservoir items of other ids, times a
     safety factor ``(1 + m)²`` for the items the reservoir does not hold.
 
-    ``m`` is measured, not fixed, when ``churn`` is given: calibrated on one half of the
+    ``m`` is measured, not fixed: calibrated on one half of the
     reservoir, the gates are applied to the other half (both ways), and ``m`` is the
     smallest of :data:`MARGIN_STEPS` × ``margin`` at which that unseen half provably
     loses at most ``churn / 2`` of its items; a gate set on the whole reservoir, twice
     the sample, lets through about half as many, so a moved prototype spends about a
     quarter of what a new cluster may take, each update. Few remembered items need the whole
     ``margin``; a well-sampled stream lets the prototypes follow their drifting items
-    closely, which a fixed margin forbids (docs/experiments.md §17). ``churn=None``
-    keeps the whole ``margin``. Returns the reservoir's squared distances to all
+    closely, which a fixed margin forbids (docs/experiments.md §17). ``churn=0`` can
+    never be shown, so it keeps the whole ``margin``. Returns the reservoir's squared distances to all
     prototypes ``[R, 2K]`` for reuse (None for an empty reservoir).
     """
     if len(res) == 0:
@@ -145,7 +145,7 @@ def calibrate_moving_gates(
     ratio = held / both[:, :k].clamp_min(1e-12)
     ratio.scatter_(1, assigned[:, None], 0.0)
     floor = torch.where(t.spawned, (1.0 + margin) ** 2, 1.0)
-    m = margin if churn is None else _held_out_margin(ratio, floor, margin, churn)
+    m = _held_out_margin(ratio, floor, margin, churn)
     t.gate_cur = torch.maximum(ratio.max(0).values * (1.0 + m) ** 2, floor)
     return both
 
